@@ -1,0 +1,195 @@
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from transformers_vpt.vocabulary import BRANCH_TOKENS, REENCODE_TRIGGER, REGION_TRIGGER
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_synthetic_data.py"
+_spec = importlib.util.spec_from_file_location("make_synthetic_data", SCRIPT)
+synth = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = synth
+_spec.loader.exec_module(synth)
+
+OPTIONS = {"seed": 3, "train_size": 40, "test_size": 12, "alignment_size": 48, "image_size": 224, "distractors": 5}
+LIST_KEYS = ("images", "detection_images", "seg_images", "clip_images")
+PLACEHOLDERS = {"images": "<image>", **{b.images_key: b.placeholder for b in BRANCH_TOKENS.values()}}
+SPAN = re.compile(
+    r"^<\|region_token_start\|><\|x_(\d+)\|><\|y_(\d+)\|><\|x_(\d+)\|><\|y_(\d+)\|><\|region_token_end\|>$"
+)
+CROP_PATH = re.compile(r"^(.*\.png)_(\d+),(\d+),(\d+),(\d+)$")
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("synthetic")
+    summary = synth.generate(out_dir, **OPTIONS)
+    return out_dir, summary
+
+
+def load_all(out_dir):
+    info = json.loads((out_dir / "dataset_info.json").read_text())
+    return {name: json.loads((out_dir / entry["file_name"]).read_text()) for name, entry in info.items()}
+
+
+def test_deterministic(out, tmp_path):
+    out_dir, _ = out
+    synth.generate(tmp_path, **OPTIONS)
+    for path in sorted(out_dir.glob("*.json")):
+        assert path.read_bytes() == (tmp_path / path.name).read_bytes(), path.name
+    for path in sorted((out_dir / "images").glob("*.png"))[:5]:
+        assert path.read_bytes() == (tmp_path / "images" / path.name).read_bytes(), path.name
+
+
+def test_seed_changes_data(out, tmp_path):
+    out_dir, _ = out
+    synth.generate(tmp_path, **{**OPTIONS, "seed": 4})
+    name = "synthetic_region_test.json"
+    assert (out_dir / name).read_bytes() != (tmp_path / name).read_bytes()
+
+
+def test_dataset_info_points_at_files(out):
+    out_dir, summary = out
+    info = json.loads((out_dir / "dataset_info.json").read_text())
+    assert set(info) == set(summary["datasets"])
+    for name, entry in info.items():
+        assert (out_dir / entry["file_name"]).is_file()
+        assert entry["formatting"] == "sharegpt"
+        assert entry["columns"] == {k: k for k in ("messages", *LIST_KEYS)}
+        assert entry["tags"] == {
+            "role_tag": "role",
+            "content_tag": "content",
+            "user_tag": "user",
+            "assistant_tag": "assistant",
+        }
+        assert len(json.loads((out_dir / entry["file_name"]).read_text())) == summary["datasets"][name]
+
+
+def test_record_format(out):
+    out_dir, _ = out
+    for name, records in load_all(out_dir).items():
+        assert records, name
+        for record in records:
+            assert set(record) == {"messages", *LIST_KEYS}
+            roles = [m["role"] for m in record["messages"]]
+            assert roles == ["user", "assistant"] * (len(roles) // 2) and roles
+            user_text = "".join(m["content"] for m in record["messages"] if m["role"] == "user")
+            for key, placeholder in PLACEHOLDERS.items():
+                assert user_text.count(placeholder) == len(record[key]), (name, key)
+                for path in record[key]:
+                    match = CROP_PATH.match(path)
+                    assert (out_dir / (match.group(1) if match else path)).is_file()
+
+
+def test_mixture_kinds_and_proportions(out):
+    out_dir, _ = out
+    data = load_all(out_dir)
+    for kind, branch in BRANCH_TOKENS.items():
+        records = data[f"synthetic_vpt_{kind}_train"]
+        assert len(records) == OPTIONS["train_size"]
+        region = [r for r in records if r["messages"][0]["content"].endswith(f" \n{REGION_TRIGGER}")]
+        reencode = [r for r in records if r["messages"][0]["content"].endswith(f"\n{REENCODE_TRIGGER}")]
+        for r in reencode:
+            assert r["messages"][1]["content"] == branch.action_triple
+            assert r["messages"][2]["content"] == branch.placeholder
+            assert r[branch.images_key] == r["images"]
+        assert abs(len(region) - 0.4 * len(records)) <= 1
+        assert abs(len(reencode) - 0.4 * len(records)) <= 1
+        assert all(len(r["messages"]) == 2 for r in records if r not in region and r not in reencode)
+    # The three mixtures share scenes, questions and record kinds; only the re-encoding branch differs.
+    firsts = {k: [r["messages"][0]["content"] for r in data[f"synthetic_vpt_{k}_train"]] for k in BRANCH_TOKENS}
+    assert firsts["dino"] == firsts["sam"] == firsts["clip"]
+
+
+def test_test_splits_share_questions(out):
+    out_dir, _ = out
+    data = load_all(out_dir)
+    region, action, plain = (data[f"synthetic_{k}_test"] for k in ("region", "action", "plain"))
+    dino = BRANCH_TOKENS["dino"]
+    for r, a, p in zip(region, action, plain, strict=True):
+        assert r["images"][0] == a["images"][0] == p["images"][0] == a["detection_images"][0]
+        assert a["messages"][1]["content"] == dino.action_triple
+        assert r["messages"][-1]["content"] == a["messages"][-1]["content"] == p["messages"][-1]["content"]
+
+
+def test_answers_in_closed_set(out):
+    out_dir, _ = out
+    for name, records in load_all(out_dir).items():
+        if "alignment" in name:
+            continue
+        for record in records:
+            answer = record["messages"][-1]["content"]
+            assert answer in synth.ANSWERS
+            question = record["messages"][0]["content"]
+            assert (answer in synth.COLORS) == ("What color" in question)
+
+
+def test_region_tokens_and_crops_contain_target(out):
+    out_dir, _ = out
+    meta = json.loads((out_dir / "synthetic_meta.json").read_text())
+    size, grid = OPTIONS["image_size"], synth.GRID_SIZE
+    records = load_all(out_dir)["synthetic_region_test"]
+    assert len(records) == len(meta["targets"]) == OPTIONS["test_size"]
+    for record in records:
+        path, crop_path = record["images"]
+        target = meta["targets"][path]
+        cells = tuple(int(v) for v in SPAN.match(record["messages"][1]["content"]).groups())
+        assert all(0 <= c < grid for c in cells) and cells[0] <= cells[2] and cells[1] <= cells[3]
+        assert list(cells) == target["cells"]
+
+        x0, y0, x1, y1 = target["box"]
+        cell_px = synth.cell_edges(size, grid)
+        assert cell_px[cells[0]] <= x0 and x1 <= cell_px[cells[2] + 1]
+        assert cell_px[cells[1]] <= y0 and y1 <= cell_px[cells[3] + 1]
+
+        match = CROP_PATH.match(crop_path)
+        assert match.group(1) == path
+        cx0, cy0, cx1, cy1 = map(int, match.groups()[1:])
+        assert 0 <= cx0 <= x0 < x1 <= cx1 <= size and 0 <= cy0 <= y0 < y1 <= cy1 <= size
+
+        image = Image.open(out_dir / path).convert("RGB")
+        color = synth.COLORS[target["color"]]
+        crop = image.crop((cx0, cy0, cx1, cy1))
+        full_count = sum(1 for px in image.getdata() if px == color)
+        assert full_count > 0
+        assert sum(1 for px in crop.getdata() if px == color) == full_count
+
+
+def test_crop_box_rule():
+    # Margin of one cell, clamped to the image, pixel edges truncated.
+    assert synth.crop_box((3, 5, 3, 5), 448, 8) == (112, 224, 280, 392)
+    assert synth.crop_box((0, 0, 7, 7), 448, 8) == (0, 0, 448, 448)
+    assert synth.crop_box((2, 2, 2, 2), 450, 8) == (56, 56, 225, 225)
+    assert synth.cell_box((56, 0, 113, 10), 448, 8) == (1, 0, 2, 0)
+
+
+def test_alignment_records_describe_scene(out):
+    out_dir, _ = out
+    data = load_all(out_dir)
+    for kind in ("dino", "sam"):
+        branch = BRANCH_TOKENS[kind]
+        records = data[f"synthetic_alignment_{branch.prefix}_train"]
+        assert len(records) == OPTIONS["alignment_size"]
+        for record in records:
+            assert record["images"] == [] and len(record[branch.images_key]) == 1
+            assert record["messages"][0]["content"].startswith(branch.placeholder + "\n")
+            assert "gray shapes:" in record["messages"][1]["content"]
+
+
+def test_invalid_options():
+    with pytest.raises(ValueError):
+        synth.Options(grid=9)
+    with pytest.raises(ValueError):
+        synth.Options(region_ratio=0, reencode_ratio=0, plain_ratio=0)
+    with pytest.raises(TypeError):
+        synth.Options(unknown=1)
+
+
+def test_cli(tmp_path):
+    synth.main(["--out-dir", str(tmp_path), "--train-size", "6", "--test-size", "2", "--alignment-size", "3"])
+    assert len(json.loads((tmp_path / "synthetic_vpt_clip_train.json").read_text())) == 6
+    assert len(json.loads((tmp_path / "synthetic_alignment_seg_train.json").read_text())) == 3

@@ -1,0 +1,14 @@
+from .configuration_qwen2_vl_vpt import VPT_Qwen2VLConfig, VRT_Qwen2VLConfig
+from .modeling_qwen2_vl_vpt import (
+    VPT_Qwen2VLForConditionalGeneration,
+    VPTCausalLMOutputWithPast,
+    VRT_Qwen2VLForConditionalGeneration,
+)
+
+__all__ = [
+    "VPT_Qwen2VLConfig",
+    "VRT_Qwen2VLConfig",
+    "VPT_Qwen2VLForConditionalGeneration",
+    "VRT_Qwen2VLForConditionalGeneration",
+    "VPTCausalLMOutputWithPast",
+]

@@ -1,0 +1,406 @@
+"""Qwen2-VL with Visual Perception Tokens: the two-pass forward.
+
+Pass 1 runs the decoder up to the last re-encoding action token; the final hidden state of the token right before
+each `<|*_action|>` (its `<|*_action_start|>`) is that action's *control state*. Pass 2 runs the decoder on the
+same sequence with (a) the extra-image features projected under the control states, f + (f.c)c, scattered into
+their pad tokens and (b) every `<|*_action|>` input embedding replaced by its control state. Logits and loss come
+from pass 2. Region Selection Tokens need no model support: they are ordinary tokens, and their crops arrive as
+ordinary images in the next round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from transformers import Qwen2VLForConditionalGeneration
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLCausalLMOutputWithPast
+from transformers.utils import logging
+
+from ...perception import BRANCHES, ConditionedProjector, VisionBranch
+from .configuration_qwen2_vl_vpt import VPT_Qwen2VLConfig, VRT_Qwen2VLConfig
+
+logger = logging.get_logger(__name__)
+
+# Layers the released projectors built but never used in their forward. We do not build them; their checkpoint
+# tensors are dropped on load (and logged) instead of being reported as unexpected.
+UNUSED_RELEASED_KEYS = (
+    r"^clip_projector\.layernorm_feature\.",
+    r"^clip_projector\.linear_feature\.",
+    r"^seg_projector\.linear_feature\.",
+)
+
+
+@dataclass
+class VPTCausalLMOutputWithPast(Qwen2VLCausalLMOutputWithPast):
+    """Qwen2-VL output plus the final hidden state of the last position, the control state of a next action token."""
+
+    last_hidden_state: Optional[torch.FloatTensor] = None
+
+
+@dataclass
+class _ExtraImages:
+    """The extra images of one branch in a batch, paired with their samples."""
+
+    branch: VisionBranch
+    features: torch.Tensor  # raw encoder output, images in batch order
+    tokens_per_image: torch.Tensor  # (num_images,)
+    image_rows: list[int]  # sample index of each image
+    pad_mask: torch.Tensor  # (batch, seq) positions of the branch's pad tokens
+
+
+class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
+    config_class = VPT_Qwen2VLConfig
+    _keys_to_ignore_on_load_unexpected = list(UNUSED_RELEASED_KEYS)
+    _no_split_modules = Qwen2VLForConditionalGeneration._no_split_modules + ["Dinov2Layer", "SamVisionLayer"]
+
+    def __init__(self, config: VPT_Qwen2VLConfig):
+        super().__init__(config)
+        self.vpt_branches = [BRANCHES[kind] for kind in config.vision_encoder_ls]
+        for branch in self.vpt_branches:
+            for name, module in branch.build(config).items():
+                self.add_module(name, module)
+        self.post_init()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _init_weights(self, module):
+        if isinstance(module, ConditionedProjector):
+            module.reset_parameters()  # xavier / zeros, as the released projectors
+        else:
+            super()._init_weights(module)
+
+    @staticmethod
+    def _fix_state_dict_key_on_load(key: str) -> tuple[str, bool]:
+        # The released CLIP checkpoint names its projector `depth_projector`.
+        if key.startswith("depth_projector."):
+            return "clip_projector." + key[len("depth_projector.") :], True
+        return Qwen2VLForConditionalGeneration._fix_state_dict_key_on_load(key)
+
+    def _adjust_missing_and_unexpected_keys(self, missing_keys, unexpected_keys, loading_task_model_from_base):
+        missing, unexpected = super()._adjust_missing_and_unexpected_keys(
+            missing_keys, unexpected_keys, loading_task_model_from_base
+        )
+        dropped = sorted(set(unexpected_keys) - set(unexpected))
+        if dropped:
+            logger.info(f"Dropped {len(dropped)} checkpoint tensors of unused released projector layers: {dropped}")
+        return missing, unexpected
+
+    # ------------------------------------------------------------------ helpers
+    def _branch_token_ids(self, branch: VisionBranch, field: str) -> Optional[int]:
+        return getattr(self.config, getattr(branch.tokens, field))
+
+    def _embed_inputs(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
+        """Token embeddings with the original images and videos scattered in, as stock Qwen2-VL does."""
+        embeds = self.model.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            image_embeds = torch.cat(self.model.get_image_features(pixel_values, image_grid_thw), dim=0)
+            image_embeds = image_embeds.to(embeds.device, embeds.dtype)
+            image_mask, _ = self.model.get_placeholder_mask(input_ids, embeds, image_features=image_embeds)
+            embeds = embeds.masked_scatter(image_mask, image_embeds)
+        if pixel_values_videos is not None:
+            video_embeds = torch.cat(self.model.get_video_features(pixel_values_videos, video_grid_thw), dim=0)
+            video_embeds = video_embeds.to(embeds.device, embeds.dtype)
+            _, video_mask = self.model.get_placeholder_mask(input_ids, embeds, video_features=video_embeds)
+            embeds = embeds.masked_scatter(video_mask, video_embeds)
+        return embeds
+
+    def _position_ids(self, input_ids, attention_mask, image_grid_thw, video_grid_thw, cache_position, past_length):
+        """M-RoPE positions: `get_rope_index` on a prefill, cached deltas on decode steps (Qwen2-VL's own rule).
+
+        VPT pad tokens are not image tokens for `get_rope_index`, so they take text positions — in training (the
+        LLaMA-Factory collator calls the same function) and in generation alike.
+        """
+        mask_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        if past_length == 0 or self.model.rope_deltas is None:
+            position_ids, rope_deltas = self.model.get_rope_index(input_ids, image_grid_thw, video_grid_thw, mask_2d)
+            self.model.rope_deltas = rope_deltas
+            return position_ids
+        batch_size, seq_length = input_ids.shape
+        start = cache_position[0] if cache_position is not None else past_length
+        delta = (start + self.model.rope_deltas).to(input_ids.device)
+        delta = delta.repeat_interleave(batch_size // delta.shape[0], dim=0)
+        return torch.arange(seq_length, device=input_ids.device).view(1, 1, -1).expand(3, batch_size, -1) + delta
+
+    def _collect_extra_images(self, input_ids: torch.LongTensor, extra: dict) -> list[_ExtraImages]:
+        """Encode each branch's extra images and pair them with samples by their pad-token runs."""
+        collected = []
+        built = {branch.kind for branch in self.vpt_branches}
+        for kind, branch in BRANCHES.items():
+            key = branch.tokens.images_key
+            num_images = branch.num_images(extra)
+            pad_id = self._branch_token_ids(branch, "image_token_id_field")
+            pad_mask = input_ids == pad_id if pad_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+            pad_counts = pad_mask.sum(1).tolist()
+            if kind not in built and num_images:
+                raise ValueError(
+                    f"{key} were given but the '{kind}' branch is not built (vision_encoder_ls={self.config.vision_encoder_ls})"
+                )
+            if num_images == 0:
+                for row, count in enumerate(pad_counts):
+                    if count:
+                        raise ValueError(f"Sample {row} has {count} {branch.tokens.image_pad} tokens but no {key} were given")
+                continue
+            if pad_id is None:
+                raise ValueError(f"{key} were given but config.{branch.tokens.image_token_id_field} is not set")
+            features, tokens_per_image = branch.encode(self, extra)
+            image_rows = _assign_images_to_rows(pad_counts, tokens_per_image.tolist(), branch)
+            collected.append(_ExtraImages(branch, features, tokens_per_image, image_rows, pad_mask))
+        return collected
+
+    def _action_mask(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Positions of every `<|*_action|>` token of a built branch; an unbuilt branch's action is an error."""
+        mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        built = {branch.kind for branch in self.vpt_branches}
+        for kind, branch in BRANCHES.items():
+            action_id = self._branch_token_ids(branch, "action_id_field")
+            if action_id is None:
+                continue
+            hits = input_ids == action_id
+            if kind not in built and hits.any():
+                row = int(hits.any(1).nonzero()[0])
+                raise ValueError(f"Sample {row} has a {branch.tokens.action} token but the '{kind}' branch is not built")
+            mask |= hits
+        return mask
+
+    def _control_states_per_image(
+        self, images: _ExtraImages, input_ids: torch.LongTensor, states: torch.Tensor
+    ) -> torch.Tensor:
+        """(num_images, scale * H): the control states of each image's action tokens, paired within its sample."""
+        scale = self.config.projector_scale
+        action_id = self._branch_token_ids(images.branch, "action_id_field")
+        per_image = []
+        for row in sorted(set(images.image_rows)):
+            num_images = images.image_rows.count(row)
+            positions = (input_ids[row] == action_id).nonzero().flatten()
+            if len(positions) != num_images * scale:
+                raise ValueError(
+                    f"Sample {row} has {len(positions)} {images.branch.tokens.action} tokens for {num_images} "
+                    f"{images.branch.tokens.images_key} (projector_scale={scale}); each image needs {scale}"
+                )
+            row_states = states[row, positions].reshape(num_images, -1)
+            per_image.append(row_states)
+        # image_rows is non-decreasing (images are assigned in sample order), so concatenation keeps image order
+        return torch.cat(per_image, dim=0)
+
+    def _scatter(self, embeds: torch.Tensor, images: _ExtraImages, control_states=None) -> torch.Tensor:
+        projector = getattr(self, images.branch.projector_attr)
+        projected = projector(images.features, images.tokens_per_image, control_states).to(embeds.dtype)
+        mask = images.pad_mask.unsqueeze(-1).expand_as(embeds)
+        return embeds.masked_scatter(mask, projected)
+
+    def _paragraph_mask(self, input_ids: torch.LongTensor, eligible_rows: torch.Tensor) -> torch.Tensor:
+        """Mask modelling: positions to blank in pass 2, drawn per sample, per paragraph (chat turn)."""
+        config = self.config
+        paragraphs = (1,) if config.para_mask_id == 1 else (1, 3)
+        draws = torch.rand(input_ids.shape[0], len(paragraphs)) < config.para_mask_ratio
+        mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for row in eligible_rows.nonzero().flatten().tolist():
+            starts = (input_ids[row] == config.para_start_id).nonzero().flatten().tolist()
+            ends = (input_ids[row] == config.para_end_id).nonzero().flatten().tolist()
+            for draw, paragraph in zip(draws[row].tolist(), paragraphs):
+                if draw and paragraph < min(len(starts), len(ends)):
+                    mask[row, starts[paragraph] + 1 : ends[paragraph]] = True  # delimiters stay visible
+        return mask
+
+    def _decode(self, embeds, attention_mask, position_ids, past_key_values, cache_position, use_cache, **kwargs):
+        return self.model.language_model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            cache_position=cache_position,
+            use_cache=use_cache,
+            return_dict=True,
+            **kwargs,
+        )
+
+    def _control_states(self, embeds, attention_mask, position_ids, past_key_values, cache_position, action_mask,
+                        prev_hidden_state, **kwargs) -> torch.Tensor:
+        """Pass 1: hidden states whose row t is the control state of an action token at t (i.e. the state at t-1).
+
+        Causality makes everything after the last action token irrelevant to pass 1, so it stops there.
+        """
+        end = int(action_mask.any(0).nonzero().max())  # last action column: pass 1 needs columns [0, end)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if attention_mask is not None:
+            attention_mask = attention_mask[..., : past_length + end] if attention_mask.dim() == 2 else (
+                attention_mask[..., :end, : past_length + end]
+            )
+        hidden = torch.zeros_like(embeds)  # column t: the control state of an action token at t
+        if end > 0:
+            past = _fork_cache(past_key_values) if past_length else None
+            pass1 = self._decode(
+                embeds[:, :end],
+                attention_mask,
+                position_ids[..., :end],
+                past,
+                cache_position[:end] if cache_position is not None else None,
+                use_cache=past is not None,
+                **kwargs,
+            )
+            hidden[:, 1 : end + 1] = pass1.last_hidden_state
+        if action_mask[:, 0].any():
+            if prev_hidden_state is None:
+                row = int(action_mask[:, 0].nonzero()[0])
+                raise ValueError(
+                    f"Sample {row} starts with an action token but the control state of the token before it is "
+                    "unknown; pass `prev_hidden_state` (the final hidden state of the previous position)"
+                )
+            hidden[:, 0] = prev_hidden_state.to(hidden.dtype)
+        return hidden
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        pixel_values: Optional[torch.Tensor] = None,
+        pixel_values_videos: Optional[torch.FloatTensor] = None,
+        image_grid_thw: Optional[torch.LongTensor] = None,
+        video_grid_thw: Optional[torch.LongTensor] = None,
+        rope_deltas: Optional[torch.LongTensor] = None,
+        cache_position: Optional[torch.LongTensor] = None,
+        detection_images: Optional[torch.FloatTensor] = None,
+        seg_images: Optional[torch.FloatTensor] = None,
+        clip_pixel_values: Optional[torch.FloatTensor] = None,
+        clip_images_grid_thw: Optional[torch.LongTensor] = None,
+        prev_hidden_state: Optional[torch.FloatTensor] = None,
+        **kwargs,
+    ) -> VPTCausalLMOutputWithPast:
+        r"""
+        detection_images (`torch.FloatTensor` of shape `(num_images, 3, height, width)`, *optional*):
+            Images for the DINOv2 branch, in sample order, one per `<detection_image>` placeholder.
+        seg_images (`torch.FloatTensor` of shape `(num_images, 3, 1024, 1024)`, *optional*):
+            Images for the SAM branch.
+        clip_pixel_values (`torch.FloatTensor`, *optional*) and clip_images_grid_thw (`torch.LongTensor` of shape
+        `(num_images, 3)`, *optional*):
+            Images re-encoded by the model's own vision tower for the CLIP branch (Qwen2-VL image-processor format).
+        prev_hidden_state (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*):
+            Final hidden state of the position before `input_ids[:, 0]`; needed when a decode step starts with an
+            action token (generation passes it).
+        """
+        extra = {
+            "detection_images": detection_images,
+            "seg_images": seg_images,
+            "clip_pixel_values": clip_pixel_values,
+            "clip_images_grid_thw": clip_images_grid_thw,
+        }
+        if input_ids is None:
+            if any(value is not None for value in extra.values()):
+                raise ValueError("VPT inputs need `input_ids` to locate their pad and action tokens")
+            return super().forward(
+                attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states, pixel_values=pixel_values,
+                pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+                rope_deltas=rope_deltas, cache_position=cache_position, **kwargs,
+            )
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = self._position_ids(
+                input_ids, attention_mask, image_grid_thw, video_grid_thw, cache_position, past_length
+            )
+        if cache_position is None:
+            cache_position = torch.arange(past_length, past_length + input_ids.shape[1], device=input_ids.device)
+        decoder_kwargs = dict(
+            attention_mask=attention_mask, position_ids=position_ids, cache_position=cache_position,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, **kwargs,
+        )
+
+        embeds = self._embed_inputs(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        extra_images = self._collect_extra_images(input_ids, extra)
+        unconditioned = embeds
+        for images in extra_images:
+            unconditioned = self._scatter(unconditioned, images)
+
+        action_mask = self._action_mask(input_ids)
+        if self.config.num_inner_forward_run == 1 or not action_mask.any():
+            if self.config.num_inner_forward_run == 2 and extra_images:
+                rows = sorted(set(extra_images[0].image_rows))
+                raise ValueError(
+                    f"Sample {rows[0]} has {extra_images[0].branch.tokens.images_key} but no action token to "
+                    "condition them (two-pass mode needs one control token per image)"
+                )
+            final_embeds = unconditioned
+        else:
+            control = self._control_states(
+                unconditioned, attention_mask, position_ids, past_key_values, cache_position, action_mask,
+                prev_hidden_state, **kwargs,
+            )
+            final_embeds = embeds
+            for images in extra_images:
+                final_embeds = self._scatter(
+                    final_embeds, images, self._control_states_per_image(images, input_ids, control)
+                )
+            if self.training and self.config.para_mask_id and self.config.para_mask_ratio > 0 and extra_images:
+                reencoded_rows = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+                for images in extra_images:
+                    reencoded_rows[images.image_rows] = True
+                blank = self._paragraph_mask(input_ids, reencoded_rows & action_mask.any(1))
+                final_embeds = final_embeds.masked_fill(blank.unsqueeze(-1), 0.0)
+            # Every action token carries its control state into pass 2 as a soft token.
+            final_embeds = torch.where(action_mask.unsqueeze(-1), control.to(final_embeds.dtype), final_embeds)
+
+        outputs = self._decode(final_embeds, past_key_values=past_key_values, use_cache=use_cache, **decoder_kwargs)
+        hidden_states = outputs.last_hidden_state
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return VPTCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            rope_deltas=self.model.rope_deltas,
+            last_hidden_state=hidden_states[:, -1],
+        )
+
+
+def _fork_cache(cache: Cache) -> DynamicCache:
+    """A cache sharing the prefix tensors of `cache`: pass 1 extends the fork, the original stays untouched."""
+    return DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in cache.layers])
+
+
+def _assign_images_to_rows(pad_counts: list[int], tokens_per_image: list[int], branch: VisionBranch) -> list[int]:
+    """Give images to samples in order until each sample's pad tokens are covered exactly."""
+    key, pad = branch.tokens.images_key, branch.tokens.image_pad
+    rows, image = [], 0
+    for row, count in enumerate(pad_counts):
+        covered = 0
+        while covered < count:
+            if image == len(tokens_per_image):
+                raise ValueError(f"Sample {row} has {count} {pad} tokens but the {key} ran out after image {image}")
+            covered += tokens_per_image[image]
+            rows.append(row)
+            image += 1
+        if covered != count:
+            raise ValueError(
+                f"Sample {row} has {count} {pad} tokens but its {key} give {covered} features "
+                f"({tokens_per_image[image - rows.count(row):image]} per image)"
+            )
+    if image != len(tokens_per_image):
+        raise ValueError(f"{len(tokens_per_image) - image} of the {key} have no {pad} tokens in any sample")
+    return rows
+
+
+class VRT_Qwen2VLForConditionalGeneration(VPT_Qwen2VLForConditionalGeneration):
+    """The class name the released checkpoints' config.json declares (`"model_type": "vrt_qwen2_vl"`)."""
+
+    config_class = VRT_Qwen2VLConfig
+
+
+__all__ = ["VPT_Qwen2VLForConditionalGeneration", "VRT_Qwen2VLForConditionalGeneration", "VPTCausalLMOutputWithPast"]

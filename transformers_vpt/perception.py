@@ -1,0 +1,207 @@
+"""Vision re-encoding branches: one abstraction, three small implementations (DINOv2, SAM, CLIP).
+
+A branch turns the extra images of one kind into LLM-sized features and projects them, optionally conditioned on
+the control states of its action tokens:
+
+    f = embed_features(encode(images))          # (num_tokens, H), images concatenated
+    c = linear_condition(layernorm_condition(concat(p_1..p_s)))   # one condition per image
+    out = f + (f . c) c                         # per token; out = f without a condition
+
+Module and parameter names (`detection_model`, `detection_projector.layernorm_feature`, ...) are those of the
+released checkpoints, so their state dicts load unchanged.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import Dinov2Model
+from transformers.models.sam.modeling_sam import SamVisionEncoder
+
+from .vocabulary import BRANCH_TOKENS, BranchTokens
+
+
+class ConditionedProjector(nn.Module, abc.ABC):
+    """Maps encoder features to LLM embeddings; the condition path is shared by every branch."""
+
+    def __init__(self, hidden_size: int, projector_scale: int):
+        super().__init__()
+        self.layernorm_condition = nn.LayerNorm(hidden_size * projector_scale)
+        self.linear_condition = nn.Linear(hidden_size * projector_scale, hidden_size)
+
+    @abc.abstractmethod
+    def embed_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Encoder output -> (num_tokens, hidden_size), images concatenated in order."""
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        tokens_per_image: Optional[torch.Tensor] = None,
+        control_states: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Project `features`; with `control_states` of shape (num_images, s * H), apply f + (f.c)c per image."""
+        embeds = self.embed_features(features)
+        if control_states is None:
+            return embeds
+        condition = self.linear_condition(self.layernorm_condition(control_states.to(embeds.dtype)))
+        condition = condition.repeat_interleave(tokens_per_image.to(condition.device), dim=0)
+        # A raw dot product, no softmax or scaling: the released checkpoints were trained with exactly this.
+        return embeds + (embeds * condition).sum(-1, keepdim=True) * condition
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+
+class DinoProjector(ConditionedProjector):
+    """DINOv2 patch tokens (CLS dropped) -> LayerNorm -> Linear."""
+
+    def __init__(self, in_dim: int, hidden_size: int, projector_scale: int):
+        super().__init__(hidden_size, projector_scale)
+        self.layernorm_feature = nn.LayerNorm(in_dim)
+        self.linear_feature = nn.Linear(in_dim, hidden_size)
+        self.reset_parameters()
+
+    def embed_features(self, features: torch.Tensor) -> torch.Tensor:  # (N, T, in_dim)
+        return self.linear_feature(self.layernorm_feature(features)).flatten(0, 1)
+
+
+class SamProjector(ConditionedProjector):
+    """SAM neck map (N, C, h, w) -> channel LayerNorm -> strided Conv2d -> tokens in row-major grid order."""
+
+    def __init__(self, in_channels: int, hidden_size: int, projector_scale: int, stride: int):
+        super().__init__(hidden_size, projector_scale)
+        self.layernorm_feature = nn.LayerNorm(in_channels)
+        self.conv_feature = nn.Conv2d(in_channels, hidden_size, kernel_size=stride, stride=stride)
+        self.reset_parameters()
+
+    def embed_features(self, features: torch.Tensor) -> torch.Tensor:
+        normed = self.layernorm_feature(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.conv_feature(normed).flatten(2).transpose(1, 2).flatten(0, 1)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self.conv_feature.reset_parameters()  # PyTorch's default init, as released
+
+
+class ClipProjector(ConditionedProjector):
+    """Re-encoded Qwen2-VL visual tokens are already LLM-sized: the feature path is the identity."""
+
+    def __init__(self, hidden_size: int, projector_scale: int):
+        super().__init__(hidden_size, projector_scale)
+        self.reset_parameters()
+
+    def embed_features(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+class VisionBranch(abc.ABC):
+    """What the model needs to know about one re-encoding branch: how to build its modules and encode images."""
+
+    kind: str
+    encoder_attr: Optional[str] = None  # None: the branch re-uses the model's own vision tower
+
+    @property
+    def tokens(self) -> BranchTokens:
+        return BRANCH_TOKENS[self.kind]
+
+    @property
+    def projector_attr(self) -> str:
+        return f"{self.tokens.prefix}_projector"
+
+    @abc.abstractmethod
+    def build(self, config) -> dict[str, nn.Module]:
+        """Modules to attach to the model, by attribute name."""
+
+    @abc.abstractmethod
+    def encode(self, model, inputs: dict) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Run the encoder on this branch's inputs: (raw features, tokens per image), or (None, None) if absent."""
+
+    def num_images(self, inputs: dict) -> int:
+        images = inputs.get(self.tokens.images_key)
+        return 0 if images is None else images.shape[0]
+
+
+class DinoBranch(VisionBranch):
+    kind = "dino"
+    encoder_attr = "detection_model"
+
+    def build(self, config):
+        return {
+            self.encoder_attr: Dinov2Model(config.detection_config),
+            self.projector_attr: DinoProjector(
+                config.detection_config.hidden_size, config.text_config.hidden_size, config.projector_scale
+            ),
+        }
+
+    def encode(self, model, inputs):
+        images = inputs.get("detection_images")
+        if images is None:
+            return None, None
+        encoder = getattr(model, self.encoder_attr)
+        features = encoder(pixel_values=images.to(encoder.dtype)).last_hidden_state[:, 1:]  # drop CLS
+        return features, torch.full((features.shape[0],), features.shape[1], dtype=torch.long)
+
+
+
+class SamBranch(VisionBranch):
+    kind = "sam"
+    encoder_attr = "seg_model"
+
+    def build(self, config):
+        return {
+            self.encoder_attr: SamVisionEncoder(config.seg_config),
+            self.projector_attr: SamProjector(
+                config.seg_config.output_channels,
+                config.text_config.hidden_size,
+                config.projector_scale,
+                config.seg_projector_stride,
+            ),
+        }
+
+    def encode(self, model, inputs):
+        images = inputs.get("seg_images")
+        if images is None:
+            return None, None
+        encoder = getattr(model, self.encoder_attr)
+        features = encoder(images.to(encoder.dtype)).last_hidden_state  # (N, C, h, w)
+        stride = model.config.seg_projector_stride
+        per_image = (features.shape[2] // stride) * (features.shape[3] // stride)
+        return features, torch.full((features.shape[0],), per_image, dtype=torch.long)
+
+
+
+class ClipBranch(VisionBranch):
+    kind = "clip"
+
+    def build(self, config):
+        return {self.projector_attr: ClipProjector(config.text_config.hidden_size, config.projector_scale)}
+
+    def encode(self, model, inputs):
+        pixel_values = inputs.get("clip_pixel_values")
+        if pixel_values is None:
+            return None, None
+        grid_thw = inputs.get("clip_images_grid_thw")
+        if grid_thw is None:
+            raise ValueError("clip_pixel_values were given without clip_images_grid_thw")
+        visual = model.model.visual
+        features = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw)
+        features = getattr(features, "pooler_output", features)  # a tensor on 4.57, an output object later
+        return features, (grid_thw.prod(-1) // visual.spatial_merge_size**2).cpu()
+
+    def num_images(self, inputs):
+        grid = inputs.get("clip_images_grid_thw")
+        return 0 if grid is None else grid.shape[0]
+
+
+BRANCHES: dict[str, VisionBranch] = {branch.kind: branch for branch in (DinoBranch(), SamBranch(), ClipBranch())}
+
+__all__ = ["BRANCHES", "VisionBranch", "ConditionedProjector", "DinoProjector", "SamProjector", "ClipProjector"]

@@ -1,0 +1,51 @@
+"""Tiny VPT configurations for tests, the demo and CPU benchmarks: every branch, built in milliseconds."""
+
+from __future__ import annotations
+
+from ..models.qwen2_vl_vpt import VPT_Qwen2VLConfig
+
+# Token ids of a tiny vocabulary laid out like Qwen2's: ordinary tokens, then the Qwen2-VL specials, then VPT tokens.
+TINY_VOCAB_SIZE = 384
+
+TINY_TEXT = dict(
+    vocab_size=TINY_VOCAB_SIZE,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+    rope_theta=10000.0,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+TINY_VISION = dict(
+    depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+    temporal_patch_size=2,
+)
+# DINOv2 at 28x28 input -> 2x2 = 4 patch tokens; SAM at 64x64 -> 4x4 map -> 16 tokens with stride 1.
+TINY_DINO = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, image_size=28, patch_size=14)
+TINY_SAM = dict(
+    hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=16,
+    mlp_dim=64, window_size=2, global_attn_indexes=[1], num_pos_feats=8,
+)
+TINY_DINO_TOKENS = 4
+TINY_SAM_TOKENS = 16
+
+
+def tiny_config(vision_encoder_ls=("dino", "sam", "clip"), token_ids: dict | None = None, **overrides) -> VPT_Qwen2VLConfig:
+    """A tiny VPT config. `token_ids` are the VPT id fields (see `vocabulary.fill_config_token_ids`)."""
+    fields = dict(
+        text_config=TINY_TEXT,
+        vision_config=TINY_VISION,
+        detection_config=TINY_DINO,
+        seg_config=TINY_SAM,
+        vision_encoder_ls=list(vision_encoder_ls),
+        seg_projector_stride=1,
+        num_inner_forward_run=2,
+        tie_word_embeddings=False,
+    )
+    fields.update(token_ids or {})
+    fields.update(overrides)
+    return VPT_Qwen2VLConfig(**fields)
