@@ -189,9 +189,7 @@ class ClipBranch(VisionBranch):
         pixel_values = inputs.get("clip_pixel_values")
         if pixel_values is None:
             return None, None
-        grid_thw = inputs.get("clip_images_grid_thw")
-        if grid_thw is None:
-            raise ValueError("clip_pixel_values were given without clip_images_grid_thw")
+        grid_thw = inputs["clip_images_grid_thw"]
         visual = model.model.visual
         features = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw)
         features = getattr(features, "pooler_output", features)  # a tensor on 4.57, an output object later
@@ -199,6 +197,8 @@ class ClipBranch(VisionBranch):
 
     def num_images(self, inputs):
         grid = inputs.get("clip_images_grid_thw")
+        if grid is None and inputs.get("clip_pixel_values") is not None:
+            raise ValueError("clip_pixel_values were given without clip_images_grid_thw")
         return 0 if grid is None else grid.shape[0]
 
 

@@ -51,14 +51,14 @@ TOKEN_ID_FIELDS = tuple(
 ) + ("para_start_id", "para_end_id")
 
 
-def _sub_config(value, config_class, defaults: dict):
+def _sub_config(name: str, value, config_class, defaults: dict):
     if value is None:
         return config_class(**defaults)
     if isinstance(value, dict):
         return config_class(**value)
     if isinstance(value, config_class):
         return value
-    raise ValueError(f"Expected a dict or {config_class.__name__} for an encoder config, got {type(value).__name__}")
+    raise ValueError(f"{name} must be a dict or {config_class.__name__}, got {type(value).__name__}")
 
 
 class VPT_Qwen2VLConfig(Qwen2VLConfig):
@@ -123,8 +123,8 @@ class VPT_Qwen2VLConfig(Qwen2VLConfig):
         # The VPT fields are named parameters so that a legacy flat config never forwards them into `text_config`.
         kwargs.pop("alignment", None)  # dead flag of the released configs
         super().__init__(text_config=text_config, vision_config=vision_config, **kwargs)
-        self.detection_config = _sub_config(detection_config, Dinov2Config, DINOV2_LARGE)
-        self.seg_config = _sub_config(seg_config, SamVisionConfig, SAM_VIT_LARGE)
+        self.detection_config = _sub_config("detection_config", detection_config, Dinov2Config, DINOV2_LARGE)
+        self.seg_config = _sub_config("seg_config", seg_config, SamVisionConfig, SAM_VIT_LARGE)
 
         self.detection_image_token_id = detection_image_token_id
         self.detection_action_id = detection_action_id

@@ -140,7 +140,8 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             if num_images == 0:
                 for row, count in enumerate(pad_counts):
                     if count:
-                        raise ValueError(f"Sample {row} has {count} {branch.tokens.image_pad} tokens but no {key} were given")
+                        missing = f"the '{kind}' branch is not built" if kind not in built else f"no {key} were given"
+                        raise ValueError(f"Sample {row} has {count} {branch.tokens.image_pad} tokens but {missing}")
                 continue
             if pad_id is None:
                 raise ValueError(f"{key} were given but config.{branch.tokens.image_token_id_field} is not set")

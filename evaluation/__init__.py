@@ -1,0 +1,1 @@
+"""Scoring for the VPT evaluation: the upstream LLM judge and judge-free metrics per dataset."""

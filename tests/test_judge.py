@@ -1,0 +1,255 @@
+"""JudgeClient against a scripted OpenAI-compatible server running on 127.0.0.1 inside the test."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from evaluation.judge import TEMPLATE_QUIRK, JudgeClient, build_prompt, extract_score
+
+SUCCESS = (200, "score: 1")
+
+
+class FakeOpenAI:
+    """Records every request; ``script`` returns ``(status, reply)`` per request body.
+
+    ``reply`` is the assistant message content for status 200 (bytes are sent as the raw body instead).
+    """
+
+    def __init__(self):
+        self.requests = []
+        self.script = lambda body: SUCCESS
+        self.delay = 0.0
+        self.in_flight = self.max_in_flight = 0
+        self.lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def sequence(self, *responses):
+        """Answer requests with ``responses`` in order, repeating the last one."""
+        queue = list(responses)
+        self.script = lambda body: queue.pop(0) if len(queue) > 1 else queue[0]
+
+    def _handler(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with fake.lock:
+                    fake.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                    fake.in_flight += 1
+                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                    status, reply = fake.script(body)
+                time.sleep(fake.delay)
+                with fake.lock:
+                    fake.in_flight -= 1
+                if isinstance(reply, bytes):
+                    payload = reply
+                elif status == 200:
+                    message = {"role": "assistant", "content": reply}
+                    payload = json.dumps({"choices": [{"index": 0, "message": message}]}).encode()
+                else:
+                    payload = json.dumps({"error": {"message": reply}}).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        return Handler
+
+
+@pytest.fixture
+def server():
+    fake = FakeOpenAI()
+    fake.thread.start()
+    yield fake
+    fake.httpd.shutdown()
+    fake.httpd.server_close()
+    fake.thread.join(timeout=5)
+    assert not fake.thread.is_alive()
+
+
+@pytest.fixture
+def make_client(server, tmp_path):
+    clients = []
+
+    def make(**kwargs):
+        options = {"cache_path": tmp_path / "judge_cache.jsonl", "max_retries": 2, "timeout": 2.0, "backoff": 0.01}
+        client = JudgeClient(server.url, **options | kwargs)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+ITEM = ("<image>\nWhat's the dog on?", "pillow", "A pillow.")
+
+
+def test_prompt_layout():
+    prompt = build_prompt(*ITEM)
+    instruction, quirk, real = prompt.partition(TEMPLATE_QUIRK)
+    assert quirk == "Question: { }\nStandard answer: { }\nModel`s answer: { }"
+    assert "score: <score>" in instruction and instruction.endswith("\n")
+    assert real == "\nQuestion: <image>\nWhat's the dog on?\nStandard answer: pillow\nModel's answer: A pillow."
+
+
+@pytest.mark.parametrize(
+    ("reply", "score"),
+    [
+        ("score: 0.8", 0.8),
+        ("Score: 1", 1.0),
+        ("score: 0", 0.0),
+        ("The score is 1.", 1.0),
+        ("score: 0.75, close to the standard answer", 0.75),
+        ("score: 10", 10.0),  # upstream regex quirk, kept
+        ("an excellent answer", 0.0),
+        ("score: 2/5", 0.0),
+        ("", 0.0),
+    ],
+)
+def test_extract_score(reply, score):
+    assert extract_score(reply) == score
+
+
+def test_wire_format(server, make_client, monkeypatch):
+    monkeypatch.setenv("VPT_TEST_JUDGE_KEY", "sk-test")
+    server.sequence((200, "score: 0.8"))
+    [result] = make_client(model="judge-model", api_key_env="VPT_TEST_JUDGE_KEY").score_many([ITEM])
+    assert (result.score, result.reply, result.failed, result.cached) == (0.8, "score: 0.8", False, False)
+    [request] = server.requests
+    assert request["path"] == "/v1/chat/completions"
+    assert request["headers"]["Authorization"] == "Bearer sk-test"
+    assert request["headers"]["Content-Type"] == "application/json"
+    assert request["body"] == {
+        "model": "judge-model",
+        "messages": [{"role": "user", "content": build_prompt(*ITEM)}],
+        "temperature": 0.0,
+        "max_tokens": 64,
+    }
+
+
+def test_no_authorization_header_without_key(server, make_client, monkeypatch):
+    monkeypatch.delenv("VPT_TEST_JUDGE_KEY", raising=False)
+    make_client(api_key_env="VPT_TEST_JUDGE_KEY").score_many([ITEM])
+    assert "Authorization" not in server.requests[0]["headers"]
+
+
+@pytest.mark.parametrize("status", [500, 503, 429])
+def test_retries_until_success(server, make_client, status):
+    server.sequence((status, "busy"), (status, "busy"), (200, "Score: 1"))
+    [result] = make_client(max_retries=2).score_many([ITEM])
+    assert (result.score, result.failed) == (1.0, False)
+    assert len(server.requests) == 3
+
+
+def test_failure_after_retries_scores_zero_and_is_flagged(server, make_client):
+    server.sequence((500, "down"))
+    [result] = make_client(max_retries=2).score_many([ITEM])
+    assert (result.score, result.reply, result.failed) == (0.0, "", True)
+    assert "HTTP 500" in result.error
+    assert len(server.requests) == 3
+
+
+def test_client_errors_are_not_retried(server, make_client):
+    server.sequence((401, "bad key"))
+    [result] = make_client(max_retries=2).score_many([ITEM])
+    assert result.failed and "HTTP 401" in result.error
+    assert len(server.requests) == 1
+
+
+def test_malformed_response_fails_without_crashing(server, make_client):
+    server.sequence((200, b"not json"))
+    [result] = make_client().score_many([ITEM])
+    assert (result.score, result.failed) == (0.0, True)
+    assert "malformed" in result.error
+
+
+def test_timeouts_are_retried_then_flagged(server, make_client):
+    server.delay = 0.5
+    [result] = make_client(max_retries=1, timeout=0.1).score_many([ITEM])
+    assert result.failed and "Timeout" in result.error
+    assert len(server.requests) == 2
+
+
+def test_unreachable_endpoint_is_flagged():
+    with JudgeClient("http://127.0.0.1:9", max_retries=1, timeout=1.0, backoff=0.01) as client:
+        [result] = client.score_many([ITEM])
+    assert (result.score, result.failed) == (0.0, True)
+
+
+@pytest.mark.parametrize("reply", ["I cannot judge this.", "", None])
+def test_unparsable_or_empty_reply_scores_zero(server, make_client, reply):
+    server.sequence((200, reply))
+    [result] = make_client().score_many([ITEM])
+    assert (result.score, result.reply, result.failed) == (0.0, reply or "", False)
+
+
+def test_cache_makes_a_rerun_free(server, make_client, tmp_path):
+    items = [("q", "ref", f"answer {i}") for i in range(5)]
+    server.sequence((200, "score: 0.5"))
+    first = make_client().score_many(items)
+    assert len(server.requests) == 5 and not any(r.cached for r in first)
+    lines = (tmp_path / "judge_cache.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and json.loads(lines[0]).keys() == {"key", "model", "prompt", "reply"}
+
+    server.requests.clear()
+    second = make_client().score_many(items)
+    assert server.requests == []
+    assert [r.score for r in second] == [0.5] * 5 and all(r.cached for r in second)
+
+    # The cache is per judge model.
+    make_client(model="other-judge").score_many(items[:1])
+    assert len(server.requests) == 1
+
+
+def test_failures_are_not_cached(server, make_client):
+    server.sequence((500, "down"))
+    assert make_client(max_retries=0).score_many([ITEM])[0].failed
+    server.sequence((200, "score: 1"))
+    [result] = make_client().score_many([ITEM])
+    assert (result.score, result.cached) == (1.0, False)
+    assert len(server.requests) == 2
+
+
+def test_cache_survives_a_truncated_last_line(server, make_client, tmp_path):
+    server.sequence((200, "score: 1"))
+    make_client().score_many([ITEM])
+    cache = tmp_path / "judge_cache.jsonl"
+    cache.write_text(cache.read_text() + '{"key": "abc", "rep')  # a crash in the middle of a write
+    items = [ITEM, ("q", "ref", "new")]
+    results = make_client().score_many(items)
+    assert [r.cached for r in results] == [True, False]
+    assert len(server.requests) == 2
+    assert all(r.cached for r in make_client().score_many(items))
+
+
+def test_duplicates_are_asked_once(server, make_client):
+    results = make_client(cache_path=None).score_many([ITEM, ITEM, ITEM])
+    assert [r.score for r in results] == [1.0, 1.0, 1.0]
+    assert len(server.requests) == 1
+
+
+def test_concurrent_requests_are_bounded_and_ordered(server, make_client):
+    server.delay = 0.2
+    server.script = lambda body: (200, "score: 0." + body["messages"][0]["content"][-1])
+    items = [("q", "ref", f"answer {i}") for i in range(8)]
+    started = time.monotonic()
+    results = make_client(concurrency=4).score_many(items)
+    elapsed = time.monotonic() - started
+    assert [r.score for r in results] == pytest.approx([i / 10 for i in range(8)])
+    assert 2 <= server.max_in_flight <= 4
+    assert elapsed < 8 * 0.2  # faster than one request at a time
