@@ -1,0 +1,182 @@
+"""Region tokens, grid cells, pixel boxes and the dataset's crop-path convention.
+
+A region answer such as ``<|region_token_start|><|x_0|><|y_1|><|x_3|><|y_5|><|region_token_end|>`` names cells of a
+``grid_size`` x ``grid_size`` grid laid over the image. Round 2 of the evaluation (and the data pipeline) turns it into
+a pixel crop of the original image. Datasets carry crops as ``"<path>_x0,y0,x1,y1"`` strings.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from PIL import Image
+
+from .vocabulary import GRID_SIZE, REGION_END, REGION_START, x_token, y_token
+
+__all__ = [
+    "Box",
+    "RegionSpan",
+    "parse_regions",
+    "region_problems",
+    "region_to_box",
+    "crop_regions",
+    "box_to_region_text",
+    "split_crop_path",
+    "join_crop_path",
+    "open_image",
+]
+
+logger = logging.getLogger(__name__)
+
+Box = tuple[int, int, int, int]
+"""``(x0, y0, x1, y1)``: pixels for crops (x1/y1 exclusive), or grid cells for region text (inclusive)."""
+
+_START, _END = re.escape(REGION_START), re.escape(REGION_END)
+# A span never contains another start delimiter, so an unterminated start cannot swallow the next valid span.
+_SPAN_RE = re.compile(f"{_START}((?:(?!{_START}).)*?){_END}", re.DOTALL)
+_CELL = r"<\|([xy])_([0-9]+)\|>"
+_CELLS_RE = re.compile(f"(?:{_CELL})+")
+_CELL_RE = re.compile(_CELL)
+_CROP_PATH_RE = re.compile(r"(.+)_([0-9]+),([0-9]+),([0-9]+),([0-9]+)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class RegionSpan:
+    """The grid cells named by one region span: the sets of x and y indices (order and duplicates do not matter)."""
+
+    xs: frozenset[int]
+    ys: frozenset[int]
+
+    def __post_init__(self) -> None:
+        if not self.xs or not self.ys or min(self.xs | self.ys) < 0:
+            raise ValueError(f"A region needs non-negative x and y indices, got xs={set(self.xs)}, ys={set(self.ys)}")
+
+    @property
+    def bounds(self) -> Box:
+        """Inclusive cell bounds ``(x_min, y_min, x_max, y_max)``."""
+        return min(self.xs), min(self.ys), max(self.xs), max(self.ys)
+
+
+def _read_span(inside: str, grid_size: int) -> tuple[RegionSpan | None, list[str]]:
+    """Region of one span's inside (None when malformed) and the out-of-range indices it had to clamp."""
+    if not _CELLS_RE.fullmatch(inside):
+        return None, []
+    cells: dict[str, set[int]] = {"x": set(), "y": set()}
+    clamped = []
+    for axis, digits in _CELL_RE.findall(inside):
+        index = int(digits)
+        if index >= grid_size:
+            clamped.append(f"<|{axis}_{digits}|> is out of range for a {grid_size}x{grid_size} grid")
+            index = grid_size - 1
+        cells[axis].add(index)
+    if not cells["x"] or not cells["y"]:
+        return None, clamped
+    return RegionSpan(frozenset(cells["x"]), frozenset(cells["y"])), clamped
+
+
+def parse_regions(text: str, grid_size: int = GRID_SIZE) -> list[RegionSpan]:
+    """Every well-formed region span in ``text``, in order.
+
+    Out-of-range indices (the released GQA data has ``<|x_8|>``) are clamped to the last cell with a warning;
+    malformed spans (other text inside, no x or no y index) are skipped.
+    """
+    regions = []
+    for match in _SPAN_RE.finditer(text):
+        region, clamped = _read_span(match.group(1), grid_size)
+        for message in clamped:
+            logger.warning("%s; clamped to %d", message, grid_size - 1)
+        if region is None:
+            logger.debug("Skipping malformed region span %r", match.group(0))
+        else:
+            regions.append(region)
+    return regions
+
+
+def region_problems(text: str, grid_size: int = GRID_SIZE) -> list[str]:
+    """Human-readable problems of the region spans in ``text`` (empty when all are clean), for data validation."""
+    problems = []
+    spans = list(_SPAN_RE.finditer(text))
+    for match in spans:
+        region, clamped = _read_span(match.group(1), grid_size)
+        problems += clamped
+        if region is None:
+            problems.append(f"malformed region span {match.group(0)!r}")
+    if text.count(REGION_START) != len(spans) or text.count(REGION_END) != len(spans):
+        problems.append("unpaired region delimiter")
+    return problems
+
+
+def region_to_box(region: RegionSpan, image_size: tuple[int, int], grid_size: int = GRID_SIZE, margin: int = 1) -> Box:
+    """Pixel crop box of ``region`` on an image of ``(width, height)``.
+
+    The cell bounds are widened by ``margin`` cells on each side and clamped to the grid, then scaled to pixels and
+    truncated, as the released evaluation did. On images narrower than the grid the box is kept one pixel wide.
+    """
+    if grid_size < 1 or margin < 0:
+        raise ValueError(f"Need grid_size >= 1 and margin >= 0, got {grid_size} and {margin}")
+    width, height = image_size
+
+    def clamp(cell: int) -> int:
+        return min(max(cell, 0), grid_size - 1)
+
+    x_min, y_min, x_max, y_max = region.bounds
+    x0, y0 = int(clamp(x_min - margin) * width / grid_size), int(clamp(y_min - margin) * height / grid_size)
+    x1, y1 = int((clamp(x_max + margin) + 1) * width / grid_size), int((clamp(y_max + margin) + 1) * height / grid_size)
+    return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
+
+
+def crop_regions(
+    image: Image.Image,
+    text_or_regions: str | Iterable[RegionSpan],
+    grid_size: int = GRID_SIZE,
+    margin: int = 1,
+) -> list[tuple[Box, Image.Image]]:
+    """In-memory crops of ``image`` for every region (parsed from text when a string is given)."""
+    regions = parse_regions(text_or_regions, grid_size) if isinstance(text_or_regions, str) else text_or_regions
+    boxes = [region_to_box(region, image.size, grid_size, margin) for region in regions]
+    return [(box, image.crop(box)) for box in boxes]
+
+
+def box_to_region_text(cells: Box, grid_size: int = GRID_SIZE) -> str:
+    """Region span for inclusive cell bounds ``(x_min, y_min, x_max, y_max)``, in the released token order."""
+    x_min, y_min, x_max, y_max = cells
+    if not (0 <= x_min <= x_max < grid_size and 0 <= y_min <= y_max < grid_size):
+        raise ValueError(f"Cell bounds {cells} are not ordered within a {grid_size}x{grid_size} grid")
+    return REGION_START + x_token(x_min) + y_token(y_min) + x_token(x_max) + y_token(y_max) + REGION_END
+
+
+def split_crop_path(path: str) -> tuple[str, Box | None]:
+    """Split ``"img.jpg_x0,y0,x1,y1"`` into ``("img.jpg", box)``; any other string is a plain path (box None).
+
+    Only an exact suffix of four non-negative integers counts, so underscores elsewhere (``a/b_c/img.jpg``,
+    ``img.tar_gz``) never turn a path into a crop.
+    """
+    match = _CROP_PATH_RE.fullmatch(path)
+    if match is None:
+        return path, None
+    x0, y0, x1, y1 = map(int, match.groups()[1:])
+    if not (x0 < x1 and y0 < y1):
+        raise ValueError(f"Empty crop box in image path {path!r}")
+    return match.group(1), (x0, y0, x1, y1)
+
+
+def join_crop_path(path: str, box: Box) -> str:
+    """Crop path ``"<path>_x0,y0,x1,y1"`` for a pixel ``box``."""
+    x0, y0, x1, y1 = box
+    if not path or not (0 <= x0 < x1 and 0 <= y0 < y1):
+        raise ValueError(f"Cannot make a crop path from {path!r} and box {box}")
+    return f"{path}_{x0},{y0},{x1},{y1}"
+
+
+def open_image(path: str) -> Image.Image:
+    """Open a plain or crop path as an RGB image; a crop box reaching outside the image is an error, not padding."""
+    real_path, box = split_crop_path(path)
+    with Image.open(real_path) as source:
+        if box is None:
+            return source.convert("RGB")
+        if box[2] > source.width or box[3] > source.height:
+            raise ValueError(f"Crop box {box} of {path!r} lies outside the {source.width}x{source.height} image")
+        return source.crop(box).convert("RGB")
