@@ -4,7 +4,7 @@ Importing the package registers the VPT classes with the transformers Auto class
 ``qwen2_vl_vpt`` and under ``vrt_qwen2_vl``, the type the released checkpoints declare.
 """
 
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoModelForVision2Seq
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoModelForVision2Seq, AutoProcessor
 
 from .models.qwen2_vl_vpt import (
     VPT_Qwen2VLConfig,
@@ -13,6 +13,7 @@ from .models.qwen2_vl_vpt import (
     VRT_Qwen2VLConfig,
     VRT_Qwen2VLForConditionalGeneration,
 )
+from .models.qwen2_vl_vpt.processing_qwen2_vl_vpt import VPT_Qwen2VLProcessor
 from .vocabulary import add_vpt_tokens
 
 for _config, _model in (
@@ -22,11 +23,13 @@ for _config, _model in (
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModelForImageTextToText.register(_config, _model, exist_ok=True)
     AutoModelForVision2Seq.register(_config, _model, exist_ok=True)
+    AutoProcessor.register(_config, VPT_Qwen2VLProcessor, exist_ok=True)
 
 __all__ = [
     "VPT_Qwen2VLConfig",
     "VPT_Qwen2VLForConditionalGeneration",
     "VPTCausalLMOutputWithPast",
+    "VPT_Qwen2VLProcessor",
     "VRT_Qwen2VLConfig",
     "VRT_Qwen2VLForConditionalGeneration",
     "add_vpt_tokens",

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from ..models.qwen2_vl_vpt import VPT_Qwen2VLConfig
-
-# Token ids of a tiny vocabulary laid out like Qwen2's: ordinary tokens, then the Qwen2-VL specials, then VPT tokens.
-TINY_VOCAB_SIZE = 384
+from .processor import (
+    TINY_DETECTION_IMAGE_SEQLEN,
+    TINY_DINO_CROP_SIZE,
+    TINY_DINO_PATCH_SIZE,
+    TINY_MERGE_SIZE,
+    TINY_PATCH_SIZE,
+    TINY_SAM_IMAGE_SIZE,
+    TINY_SAM_PATCH_SIZE,
+    TINY_SEG_IMAGE_SEQLEN,
+    TINY_TEMPORAL_PATCH_SIZE,
+)
+from .tokenizer import TINY_VOCAB_SIZE
 
 TINY_TEXT = dict(
     vocab_size=TINY_VOCAB_SIZE,
@@ -21,17 +30,21 @@ TINY_TEXT = dict(
     tie_word_embeddings=False,
 )
 TINY_VISION = dict(
-    depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
-    temporal_patch_size=2,
+    depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=TINY_PATCH_SIZE,
+    spatial_merge_size=TINY_MERGE_SIZE, temporal_patch_size=TINY_TEMPORAL_PATCH_SIZE,
 )
-# DINOv2 at 28x28 input -> 2x2 = 4 patch tokens; SAM at 64x64 -> 4x4 map -> 16 tokens with stride 1.
-TINY_DINO = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, image_size=28, patch_size=14)
+# DINOv2 at 28x28 input -> 2x2 = 4 patch tokens; SAM at 64x64 -> 4x4 map -> 16 tokens with stride 1: exactly the pad
+# counts of the tiny processor.
+TINY_DINO = dict(
+    hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, image_size=TINY_DINO_CROP_SIZE,
+    patch_size=TINY_DINO_PATCH_SIZE,
+)
 TINY_SAM = dict(
-    hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=16,
-    mlp_dim=64, window_size=2, global_attn_indexes=[1], num_pos_feats=8,
+    hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, image_size=TINY_SAM_IMAGE_SIZE,
+    patch_size=TINY_SAM_PATCH_SIZE, mlp_dim=64, window_size=2, global_attn_indexes=[1], num_pos_feats=8,
 )
-TINY_DINO_TOKENS = 4
-TINY_SAM_TOKENS = 16
+TINY_DINO_TOKENS = TINY_DETECTION_IMAGE_SEQLEN
+TINY_SAM_TOKENS = TINY_SEG_IMAGE_SEQLEN
 
 
 def tiny_config(vision_encoder_ls=("dino", "sam", "clip"), token_ids: dict | None = None, **overrides) -> VPT_Qwen2VLConfig:

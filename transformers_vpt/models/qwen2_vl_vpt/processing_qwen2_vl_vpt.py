@@ -6,7 +6,8 @@ import copy
 import math
 import re
 from collections import Counter
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from transformers import BitImageProcessor, SamImageProcessor
@@ -14,7 +15,16 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, load_image
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor, Qwen2VLProcessorKwargs
 
-from ...vocabulary import BRANCH_TOKENS, IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START, token_id
+from ...vocabulary import (
+    BRANCH_TOKENS,
+    IM_END,
+    IM_START,
+    IMAGE_PAD,
+    VISION_END,
+    VISION_START,
+    branch_by_prefix,
+    token_id,
+)
 
 IMAGE_PLACEHOLDER = "<image>"
 """Dataset-style (LLaMA-Factory) placeholder of a Qwen2-VL image."""
@@ -111,12 +121,8 @@ def _build_chat_template() -> str:
         + wrapped(VIDEO_PAD)
         + extra_parts
         + "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}"
-        "{%- endif -%}{%- endfor -%}{%- endif -%}"
-        + emit(IM_END + "\n")
-        + "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}"
-        + emit(f"{IM_START}assistant\n")
-        + "{%- endif -%}"
+        "{%- endif -%}{%- endfor -%}{%- endif -%}" + emit(IM_END + "\n") + "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}" + emit(f"{IM_START}assistant\n") + "{%- endif -%}"
     )
 
 
@@ -259,7 +265,7 @@ class VPT_Qwen2VLProcessor(Qwen2VLProcessor):
             raise ValueError(f"{kind!r} is not a VPT re-encoding kind; choose from {list(EXTRA_MODALITIES)}")
         processor = self.detection_processor if kind == "detection" else self.seg_processor
         outputs = processor(images, return_tensors=images_kwargs["return_tensors"])
-        return {f"{kind}_images": outputs["pixel_values"]}
+        return {branch_by_prefix(kind).images_key: outputs["pixel_values"]}
 
     def expand_placeholders(
         self,
@@ -387,10 +393,9 @@ class VPT_Qwen2VLProcessor(Qwen2VLProcessor):
 
         inputs: dict[str, Any] = {}
         per_sample: dict[str, list[int] | None] = {}
-        num_images: dict[str, int] = {}
-        for kind, value in (("image", images), *zip(EXTRA_MODALITIES, (detection_images, seg_images, clip_images))):
+        given = {"image": images, "detection": detection_images, "seg": seg_images, "clip": clip_images}
+        for kind, value in given.items():
             flat, per_sample[kind] = _flatten_images(value)
-            num_images[kind] = len(flat)
             if not flat:
                 continue
             if kind == "image":
@@ -405,8 +410,8 @@ class VPT_Qwen2VLProcessor(Qwen2VLProcessor):
             image_grid_thw=inputs.get("image_grid_thw"),
             video_grid_thw=inputs.get("video_grid_thw"),
             clip_grid_thw=inputs.get("clip_images_grid_thw"),
-            num_detection_images=num_images["detection"],
-            num_seg_images=num_images["seg"],
+            num_detection_images=len(inputs.get("detection_images", ())),
+            num_seg_images=len(inputs.get("seg_images", ())),
             images_per_sample=per_sample,
         )
         text_inputs = self.tokenizer(texts, **text_kwargs, return_tensors=None)

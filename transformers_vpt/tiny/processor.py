@@ -1,0 +1,78 @@
+"""A tiny, offline VPT processor whose image sizes match the tiny models used in tests and demos."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase, Qwen2VLImageProcessorFast, Qwen2VLVideoProcessor
+
+from ..models.qwen2_vl_vpt.processing_qwen2_vl_vpt import (
+    DEFAULT_DETECTION_PROCESSOR_CONFIG,
+    DEFAULT_SEG_PROCESSOR_CONFIG,
+    VPT_Qwen2VLProcessor,
+)
+from .tokenizer import build_tiny_tokenizer
+
+# Qwen2-VL vision tower: a 56x56 image gives grid (1, 4, 4) -> 4 image tokens.
+TINY_PATCH_SIZE = 14
+TINY_TEMPORAL_PATCH_SIZE = 2
+TINY_MERGE_SIZE = 2
+TINY_MIN_PIXELS = 56 * 56
+TINY_MAX_PIXELS = 4 * 56 * 56
+
+# DINOv2: shortest edge 32, centre crop 28x28, patch 14 -> 2x2 patch tokens (CLS dropped).
+TINY_DINO_SHORTEST_EDGE = 32
+TINY_DINO_CROP_SIZE = 28
+TINY_DINO_PATCH_SIZE = 14
+TINY_DETECTION_IMAGE_SEQLEN = (TINY_DINO_CROP_SIZE // TINY_DINO_PATCH_SIZE) ** 2
+
+# SAM: longest edge 64, padded to 64x64, patch 16 -> a 4x4 feature map, projected with stride 1.
+TINY_SAM_IMAGE_SIZE = 64
+TINY_SAM_PATCH_SIZE = 16
+TINY_SEG_IMAGE_SEQLEN = (TINY_SAM_IMAGE_SIZE // TINY_SAM_PATCH_SIZE) ** 2
+
+TINY_DETECTION_PROCESSOR_CONFIG: dict[str, Any] = {
+    **DEFAULT_DETECTION_PROCESSOR_CONFIG,
+    "size": {"shortest_edge": TINY_DINO_SHORTEST_EDGE},
+    "crop_size": {"height": TINY_DINO_CROP_SIZE, "width": TINY_DINO_CROP_SIZE},
+}
+TINY_SEG_PROCESSOR_CONFIG: dict[str, Any] = {
+    **DEFAULT_SEG_PROCESSOR_CONFIG,
+    "size": {"longest_edge": TINY_SAM_IMAGE_SIZE},
+    "pad_size": {"height": TINY_SAM_IMAGE_SIZE, "width": TINY_SAM_IMAGE_SIZE},
+}
+
+
+def build_tiny_processor(tokenizer: PreTrainedTokenizerBase | None = None, **kwargs) -> VPT_Qwen2VLProcessor:
+    """Build a [`VPT_Qwen2VLProcessor`] with tiny image sizes, offline and in milliseconds.
+
+    The Qwen2-VL image processor is the fast one, the class `from_pretrained` restores by default, so a saved and
+    reloaded tiny processor gives identical outputs.
+
+    Args:
+        tokenizer: Defaults to `build_tiny_tokenizer()` (all three branches and the region tokens).
+        kwargs: Overrides of the processor's ``__init__`` arguments (e.g. ``chat_template``,
+            ``detection_image_seqlen``).
+    """
+
+    def qwen_kwargs() -> dict[str, Any]:
+        return {
+            "size": {"shortest_edge": TINY_MIN_PIXELS, "longest_edge": TINY_MAX_PIXELS},
+            "patch_size": TINY_PATCH_SIZE,
+            "temporal_patch_size": TINY_TEMPORAL_PATCH_SIZE,
+            "merge_size": TINY_MERGE_SIZE,
+        }
+
+    processor_kwargs = {
+        "detection_processor_config": TINY_DETECTION_PROCESSOR_CONFIG,
+        "seg_processor_config": TINY_SEG_PROCESSOR_CONFIG,
+        "detection_image_seqlen": TINY_DETECTION_IMAGE_SEQLEN,
+        "seg_image_seqlen": TINY_SEG_IMAGE_SEQLEN,
+        **kwargs,
+    }
+    return VPT_Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessorFast(**qwen_kwargs()),
+        tokenizer=build_tiny_tokenizer() if tokenizer is None else tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**qwen_kwargs()),
+        **processor_kwargs,
+    )
