@@ -14,15 +14,18 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from transformers import Qwen2VLForConditionalGeneration
+from transformers import LogitsProcessorList, Qwen2VLForConditionalGeneration
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLCausalLMOutputWithPast
 from transformers.utils import logging
 
+from ...generation import VPTActionLogitsProcessor
 from ...perception import BRANCHES, ConditionedProjector, VisionBranch
 from .configuration_qwen2_vl_vpt import VPT_Qwen2VLConfig, VRT_Qwen2VLConfig
 
 logger = logging.get_logger(__name__)
+
+EXTRA_IMAGE_INPUTS = ("detection_images", "seg_images", "clip_pixel_values", "clip_images_grid_thw")
 
 # Layers the released projectors built but never used in their forward. We do not build them; their checkpoint
 # tensors are dropped on load (and logged) instead of being reported as unexpected.
@@ -252,6 +255,39 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             hidden[:, 0] = prev_hidden_state.to(hidden.dtype)
         return hidden
 
+    # ------------------------------------------------------------------ generation
+    # One decoder pass per decode step: when the new token is `<|x_action|>`, its control state is the final hidden
+    # state of the step that produced `<|x_action_start|>`, carried in `prev_hidden_state`. No cache copies.
+    def _get_logits_processor(self, generation_config, *args, **kwargs) -> LogitsProcessorList:
+        processors = super()._get_logits_processor(generation_config, *args, **kwargs)
+        action_after_start, pads = {}, []
+        for branch in self.vpt_branches:
+            start = self._branch_token_ids(branch, "action_start_id_field")
+            action = self._branch_token_ids(branch, "action_id_field")
+            if start is not None and action is not None:
+                action_after_start[start] = action
+            pad = self._branch_token_ids(branch, "image_token_id_field")
+            if pad is not None:
+                pads.append(pad)
+        if action_after_start or pads:
+            processors.append(VPTActionLogitsProcessor(action_after_start, pads))  # last: its forcing wins
+        return processors
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, cache_position=None, **kwargs):
+        prev_hidden_state = kwargs.pop("prev_hidden_state", None)
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, cache_position=cache_position, **kwargs
+        )
+        if inputs["cache_position"][0] != 0:  # extra images live in the prefix, like pixel_values
+            inputs.update(dict.fromkeys(EXTRA_IMAGE_INPUTS))
+        inputs["prev_hidden_state"] = prev_hidden_state
+        return inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        model_kwargs["prev_hidden_state"] = outputs.last_hidden_state
+        return model_kwargs
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -289,12 +325,8 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             Final hidden state of the position before `input_ids[:, 0]`; needed when a decode step starts with an
             action token (generation passes it).
         """
-        extra = {
-            "detection_images": detection_images,
-            "seg_images": seg_images,
-            "clip_pixel_values": clip_pixel_values,
-            "clip_images_grid_thw": clip_images_grid_thw,
-        }
+        kwargs.pop("return_dict", None)  # always a VPTCausalLMOutputWithPast
+        extra = dict(zip(EXTRA_IMAGE_INPUTS, (detection_images, seg_images, clip_pixel_values, clip_images_grid_thw)))
         if input_ids is None:
             if any(value is not None for value in extra.values()):
                 raise ValueError("VPT inputs need `input_ids` to locate their pad and action tokens")
