@@ -83,3 +83,29 @@ def test_alignment_batch_without_text_image():
         ref_logits, ref_loss = reference_forward(model, input_ids, labels=input_ids, detection_images=images)
     torch.testing.assert_close(out.logits, ref_logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.loss, ref_loss)
+
+
+def decoder_lengths(model, batch):
+    lengths = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        hook.remove()
+    return lengths
+
+
+def test_pass_one_stops_at_the_last_action_and_pass_two_reuses_the_prefix(model):
+    batch = collate([Sample("dino", seed=1), Sample("plain", seed=2)])
+    ids = batch["input_ids"]
+    actions = (ids == 312).nonzero()[:, 1]
+    first_change = int(actions.min())
+    assert decoder_lengths(model, batch) == [int(actions.max()), ids.shape[1] - first_change]
+
+
+def test_batches_without_action_tokens_run_a_single_pass(model):
+    batch = collate([Sample("region", seed=1), Sample("plain", seed=2)])
+    assert decoder_lengths(model, batch) == [batch["input_ids"].shape[1]]

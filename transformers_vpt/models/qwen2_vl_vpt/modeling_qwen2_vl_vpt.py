@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch import nn
 from transformers import LogitsProcessorList, Qwen2VLForConditionalGeneration
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLCausalLMOutputWithPast
@@ -41,6 +42,14 @@ class VPTCausalLMOutputWithPast(Qwen2VLCausalLMOutputWithPast):
     """Qwen2-VL output plus the final hidden state of the last position, the control state of a next action token."""
 
     last_hidden_state: Optional[torch.FloatTensor] = None
+
+
+@dataclass
+class _PassOne:
+    """Pass 1's cache and hidden states over columns [0, end): the prefix pass 2 can reuse."""
+
+    cache: Cache
+    hidden_states: torch.Tensor
 
 
 @dataclass
@@ -220,31 +229,37 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             **kwargs,
         )
 
-    def _control_states(self, embeds, attention_mask, position_ids, past_key_values, cache_position, action_mask,
-                        prev_hidden_state, **kwargs) -> torch.Tensor:
-        """Pass 1: hidden states whose row t is the control state of an action token at t (i.e. the state at t-1).
+    def _pass_one(self, embeds, attention_mask, position_ids, past_key_values, cache_position, action_mask,
+                  prev_hidden_state, **kwargs) -> tuple[torch.Tensor, Optional[_PassOne]]:
+        """Pass 1: `control[:, t]` is the control state of an action token at t (the final hidden state at t-1).
 
-        Causality makes everything after the last action token irrelevant to pass 1, so it stops there.
+        Causality makes everything after the last action token irrelevant to pass 1, so it stops there. Its keys and
+        values are kept so that pass 2 can reuse the prefix that does not change.
         """
         end = int(action_mask.any(0).nonzero().max())  # last action column: pass 1 needs columns [0, end)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if attention_mask is not None:
-            attention_mask = attention_mask[..., : past_length + end] if attention_mask.dim() == 2 else (
-                attention_mask[..., :end, : past_length + end]
-            )
-        hidden = torch.zeros_like(embeds)  # column t: the control state of an action token at t
+        control = torch.zeros_like(embeds)
+        prefix = None
         if end > 0:
-            past = _fork_cache(past_key_values) if past_length else None
+            # Gradient checkpointing recomputes layers and cannot keep a cache: pass 2 then recomputes the prefix.
+            keep_cache = not (self.training and self.model.language_model.gradient_checkpointing)
+            cache = None
+            if keep_cache:
+                cache = _fork_cache(past_key_values) if past_length else DynamicCache(config=self.config)
+            elif past_length:
+                cache = _fork_cache(past_key_values)
             pass1 = self._decode(
                 embeds[:, :end],
-                attention_mask,
+                _slice_mask(attention_mask, 0, end, past_length + end),
                 position_ids[..., :end],
-                past,
-                cache_position[:end] if cache_position is not None else None,
-                use_cache=past is not None,
+                cache,
+                cache_position[:end],
+                use_cache=cache is not None,
                 **kwargs,
             )
-            hidden[:, 1 : end + 1] = pass1.last_hidden_state
+            control[:, 1 : end + 1] = pass1.last_hidden_state
+            if keep_cache:
+                prefix = _PassOne(pass1.past_key_values, pass1.last_hidden_state)
         if action_mask[:, 0].any():
             if prev_hidden_state is None:
                 row = int(action_mask[:, 0].nonzero()[0])
@@ -252,8 +267,17 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
                     f"Sample {row} starts with an action token but the control state of the token before it is "
                     "unknown; pass `prev_hidden_state` (the final hidden state of the previous position)"
                 )
-            hidden[:, 0] = prev_hidden_state.to(hidden.dtype)
-        return hidden
+            control[:, 0] = prev_hidden_state.to(control.dtype)
+        return control, prefix
+
+    def _loss(self, hidden_states, labels, num_items_in_batch=None) -> torch.Tensor:
+        """Next-token cross-entropy computed in float32 on the labelled positions only (no full fp32 logits)."""
+        targets = labels[:, 1:].to(hidden_states.device)
+        keep = targets != -100
+        logits = self.lm_head(hidden_states[:, :-1][keep]).float()
+        loss = nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+        count = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
+        return loss / count
 
     # ------------------------------------------------------------------ generation
     # One decoder pass per decode step: when the new token is `<|x_action|>`, its control state is the final hidden
@@ -359,6 +383,7 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             unconditioned = self._scatter(unconditioned, images)
 
         action_mask = self._action_mask(input_ids)
+        prefix, start = None, 0  # pass 2 recomputes columns [start, L) on top of pass 1's cache
         if self.config.num_inner_forward_run == 1 or not action_mask.any():
             if self.config.num_inner_forward_run == 2 and extra_images:
                 rows = sorted(set(extra_images[0].image_rows))
@@ -368,39 +393,68 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
                 )
             final_embeds = unconditioned
         else:
-            control = self._control_states(
+            control, prefix = self._pass_one(
                 unconditioned, attention_mask, position_ids, past_key_values, cache_position, action_mask,
                 prev_hidden_state, **kwargs,
             )
+            changed = action_mask.clone()
             final_embeds = embeds
             for images in extra_images:
                 final_embeds = self._scatter(
                     final_embeds, images, self._control_states_per_image(images, input_ids, control)
                 )
+                changed |= images.pad_mask
             if self.training and self.config.para_mask_id and self.config.para_mask_ratio > 0 and extra_images:
                 reencoded_rows = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
                 for images in extra_images:
                     reencoded_rows[images.image_rows] = True
                 blank = self._paragraph_mask(input_ids, reencoded_rows & action_mask.any(1))
                 final_embeds = final_embeds.masked_fill(blank.unsqueeze(-1), 0.0)
+                changed |= blank
             # Every action token carries its control state into pass 2 as a soft token.
             final_embeds = torch.where(action_mask.unsqueeze(-1), control.to(final_embeds.dtype), final_embeds)
+            if prefix is not None and not (output_hidden_states or output_attentions):
+                start = int(changed.any(0).nonzero().min())  # pass 2 equals pass 1 before the first change
 
-        outputs = self._decode(final_embeds, past_key_values=past_key_values, use_cache=use_cache, **decoder_kwargs)
-        hidden_states = outputs.last_hidden_state
+        if start > 0:
+            cache = prefix.cache
+            cache.crop(past_length + start)
+            outputs = self._decode(
+                final_embeds[:, start:],
+                _slice_mask(attention_mask, start, input_ids.shape[1], past_length + input_ids.shape[1]),
+                position_ids[..., start:],
+                cache,
+                cache_position[start:],
+                use_cache=True,
+                **kwargs,
+            )
+            hidden_states = torch.cat([prefix.hidden_states[:, :start], outputs.last_hidden_state], dim=1)
+            past_out = cache if use_cache else None
+        else:
+            outputs = self._decode(final_embeds, past_key_values=past_key_values, use_cache=use_cache, **decoder_kwargs)
+            hidden_states, past_out = outputs.last_hidden_state, outputs.past_key_values
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+            loss = self._loss(hidden_states, labels, kwargs.get("num_items_in_batch"))
         return VPTCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            past_key_values=past_out,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             rope_deltas=self.model.rope_deltas,
             last_hidden_state=hidden_states[:, -1],
         )
+
+
+def _slice_mask(mask: Optional[torch.Tensor], query_start: int, query_end: int, key_end: int):
+    """The part of a 2-D (batch, keys) or 4-D (batch, 1, queries, keys) attention mask a partial pass needs."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        return mask[:, :key_end]
+    return mask[..., query_start:query_end, :key_end]
 
 
 def _fork_cache(cache: Cache) -> DynamicCache:
