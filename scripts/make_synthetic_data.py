@@ -39,6 +39,7 @@ from tqdm import tqdm
 from transformers_vpt.vocabulary import (
     BRANCH_TOKENS,
     GRID_SIZE,
+    IMAGE_PLACEHOLDER,
     REENCODE_TRIGGER,
     REGION_END,
     REGION_START,
@@ -221,7 +222,7 @@ def _record(turns: list[str], images: list[str], **extra_images: list[str]) -> d
 def region_record(scene: Scene, grid: int) -> dict:
     cells = cell_box(scene.target.box, scene.size, grid)
     crop = ",".join(map(str, crop_box(cells, scene.size, grid)))
-    turns = [f"<image>\n{scene.question} \n{REGION_TRIGGER}", region_span(cells), "<image>", scene.answer]
+    turns = [f"{IMAGE_PLACEHOLDER}\n{scene.question} \n{REGION_TRIGGER}", region_span(cells), IMAGE_PLACEHOLDER, scene.answer]
     return _record(turns, [scene.path, f"{scene.path}_{crop}"])
 
 

@@ -25,10 +25,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from transformers_vpt.regions import Box, region_problems, split_crop_path
-from transformers_vpt.vocabulary import BRANCH_TOKENS, GRID_SIZE
+from transformers_vpt.vocabulary import BRANCH_TOKENS, GRID_SIZE, IMAGE_PLACEHOLDER
 
 # (column, text placeholder) of every image kind a record can carry.
-IMAGE_KINDS = [("images", "<image>")] + [(b.images_key, b.placeholder) for b in BRANCH_TOKENS.values()]
+IMAGE_KINDS = [("images", IMAGE_PLACEHOLDER)] + [(b.images_key, b.placeholder) for b in BRANCH_TOKENS.values()]
 CLIP_KEY = BRANCH_TOKENS["clip"].images_key
 LEGACY_CLIP_KEY = "depth_images"
 IMAGE_KEYS = [key for key, _ in IMAGE_KINDS] + [LEGACY_CLIP_KEY]

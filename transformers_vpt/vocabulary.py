@@ -23,6 +23,10 @@ IM_END = "<|im_end|>"
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+# Dataset-style (LLaMA-Factory) placeholders of a Qwen2-VL image / video.
+IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 
 REGION_START = "<|region_token_start|>"
 REGION_END = "<|region_token_end|>"

@@ -20,17 +20,14 @@ from ...vocabulary import (
     IM_END,
     IM_START,
     IMAGE_PAD,
+    IMAGE_PLACEHOLDER,
+    VIDEO_PAD,
+    VIDEO_PLACEHOLDER,
     VISION_END,
     VISION_START,
     branch_by_prefix,
     token_id,
 )
-
-IMAGE_PLACEHOLDER = "<image>"
-"""Dataset-style (LLaMA-Factory) placeholder of a Qwen2-VL image."""
-VIDEO_PLACEHOLDER = "<video>"
-"""Dataset-style (LLaMA-Factory) placeholder of a Qwen2-VL video."""
-VIDEO_PAD = "<|video_pad|>"
 
 DEFAULT_DETECTION_PROCESSOR_CONFIG: dict[str, Any] = {
     "do_resize": True,
