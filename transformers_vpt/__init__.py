@@ -14,6 +14,7 @@ from .models.qwen2_vl_vpt import (
     VRT_Qwen2VLForConditionalGeneration,
 )
 from .models.qwen2_vl_vpt.processing_qwen2_vl_vpt import VPT_Qwen2VLProcessor
+from .pipeline import VPTPipeline, VPTResult
 from .vocabulary import add_vpt_tokens
 
 for _config, _model in (
@@ -30,6 +31,8 @@ __all__ = [
     "VPT_Qwen2VLForConditionalGeneration",
     "VPTCausalLMOutputWithPast",
     "VPT_Qwen2VLProcessor",
+    "VPTPipeline",
+    "VPTResult",
     "VRT_Qwen2VLConfig",
     "VRT_Qwen2VLForConditionalGeneration",
     "add_vpt_tokens",

@@ -1,0 +1,83 @@
+"""vpt-cli on a saved tiny model: infer output, --save-boxes, help texts."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+from test_pipeline import SPAN_A, make_image, scripted_kwargs
+
+from transformers_vpt.cli import main
+from transformers_vpt.pipeline import VPTPipeline
+from transformers_vpt.tiny.assemble import build_tiny_vpt
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_vpt")
+    build_tiny_vpt(save_dir=directory)
+    return directory
+
+
+@pytest.fixture
+def image_path(tmp_path):
+    path = tmp_path / "image.png"
+    make_image(size=(320, 240)).save(path)
+    return path
+
+
+def infer_args(model_dir, image_path, *extra):
+    return [
+        "infer",
+        "--model",
+        str(model_dir),
+        "--image",
+        str(image_path),
+        "--question",
+        "What?",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "4",
+        *extra,
+    ]
+
+
+def test_infer_prints_answer_and_action(model_dir, image_path, capsys):
+    assert main(infer_args(model_dir, image_path, "--mode", "free")) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Answer: ") and "\nAction: " in out
+
+
+def test_infer_region_and_save_boxes(model_dir, image_path, tmp_path, monkeypatch, capsys):
+    run = VPTPipeline.run
+
+    def scripted_run(self, user_texts, images, **kwargs):
+        kwargs["generation_kwargs"] = scripted_kwargs(self.processor, {"What?": SPAN_A})
+        return run(self, user_texts, images, **kwargs)
+
+    monkeypatch.setattr(VPTPipeline, "run", scripted_run)
+    out_png = tmp_path / "boxes.png"
+    assert main(infer_args(model_dir, image_path, "--save-boxes", str(out_png))) == 0
+    out = capsys.readouterr().out
+    assert "Action: region" in out and "Boxes: (40,60,280,180)" in out
+    with Image.open(out_png) as drawn, Image.open(image_path) as original:
+        assert drawn.size == original.size == (320, 240)
+        assert drawn.getpixel((40, 100)) == (255, 0, 0)  # left edge of the box
+        assert drawn.getpixel((160, 120)) == original.getpixel((160, 120))  # inside the box: untouched
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["infer", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "infer" in out
+    if argv[0] == "infer":
+        assert all(option in out for option in ("--model", "--mode", "--save-boxes", "--max-image-side"))
+
+
+def test_missing_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
