@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
+from .models.qwen2_vl_vpt.processing_qwen2_vl_vpt import VPT_Qwen2VLProcessor
 from .regions import Box, RegionSpan, crop_regions, open_image, parse_regions
 from .vocabulary import BRANCH_TOKENS, IMAGE_PLACEHOLDER, REENCODE_TRIGGER, REGION_TRIGGER
 
@@ -122,7 +123,8 @@ class VPTPipeline:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
         if device is not None:
             model.to(device)
-        return cls(model, AutoProcessor.from_pretrained(path))
+        # The VPT processor class directly: a released checkpoint's processor config may name plain Qwen2VLProcessor.
+        return cls(model, VPT_Qwen2VLProcessor.from_pretrained(path))
 
     @property
     def branches(self) -> list[str]:
