@@ -280,6 +280,7 @@ _FAMILY_BY_PREFIX = {
     "TextCap": "caption",
     "Flickr30k": "caption",
     "LLaVA_COCO": "free_form",
+    "synthetic": "vqa",  # the demo's one-word answers (scripts/make_synthetic_data.py)
 }
 
 _ITEM_SCORERS: dict[str, Callable[[str, list[str]], dict[str, float]]] = {

@@ -115,3 +115,15 @@ def test_generation_never_emits_pads_or_unforced_actions():
     batch = collate([prompt(Sample("plain", seed=2))])
     out, _ = fast_greedy(model, batch, steps=8)
     assert not torch.isin(out, torch.tensor(NEVER)).any()
+
+
+def test_sampling_with_tight_top_k_never_crashes_on_forbidden_tokens():
+    """The forbidden tokens are removed before top-k/top-p, so those samplers never keep only forbidden tokens."""
+    model = make_model(seed=12)
+    with torch.no_grad():
+        model.lm_head.weight[NEVER] *= 50
+    batch = collate([prompt(Sample("plain", seed=2))])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = model.generate(**inputs, max_new_tokens=6, do_sample=True, top_k=2, top_p=0.1, temperature=0.95,
+                         pad_token_id=PAD, eos_token_id=IM_END)
+    assert not torch.isin(out[:, batch["input_ids"].shape[1]:], torch.tensor(NEVER)).any()

@@ -15,12 +15,12 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import LogitsProcessorList, Qwen2VLForConditionalGeneration
+from transformers import LogitsProcessorList, Qwen2VLForConditionalGeneration, SuppressTokensLogitsProcessor
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLCausalLMOutputWithPast
 from transformers.utils import logging
 
-from ...generation import VPTActionLogitsProcessor
+from ...generation import VPTActionLogitsProcessor, vpt_suppressed_tokens
 from ...perception import BRANCHES, ConditionedProjector, VisionBranch
 from .configuration_qwen2_vl_vpt import VPT_Qwen2VLConfig, VRT_Qwen2VLConfig
 
@@ -293,8 +293,11 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             pad = self._branch_token_ids(branch, "image_token_id_field")
             if pad is not None:
                 pads.append(pad)
-        if action_after_start or pads:
-            processors.append(VPTActionLogitsProcessor(action_after_start, pads))  # last: its forcing wins
+        suppressed = vpt_suppressed_tokens(action_after_start, pads)
+        if suppressed:  # first: top-k / top-p then never keep only forbidden tokens
+            processors.insert(0, SuppressTokensLogitsProcessor(suppressed, device=self.device))
+        if action_after_start:
+            processors.append(VPTActionLogitsProcessor(action_after_start))  # last: its forcing wins
         return processors
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, cache_position=None, **kwargs):

@@ -1,0 +1,605 @@
+#!/usr/bin/env python
+"""Evaluate VPT models and plain Qwen2-VL baselines on the released VPT test splits (vpt_behaviour.md §3.2).
+
+A VPT model answers in two rounds (`transformers_vpt.pipeline.VPTPipeline`): round 1 on the record's first user
+turn and first image, round 2 on the region crops or the re-encoded image its perception tokens ask for. A plain
+Qwen2-VL checkpoint (config ``model_type`` ``qwen2_vl``) is the baseline: one round, the trigger phrase removed.
+Answers are scored with the judge-free metric of each dataset and, given ``--judge-base-url``, by the LLM judge.
+
+Runs are resumable: every batch of answers is appended to ``answers.jsonl`` and synced; a rerun with the same
+settings answers only the missing records, then rescores everything (judge replies are cached).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if not __package__:  # run as `python evaluation/evaluation.py`: import the `evaluation` package, not this file
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import gc
+import json
+import logging
+import textwrap
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+from transformers import set_seed
+
+from evaluation.baseline import BaselinePipeline
+from evaluation.datasets import (
+    MODES,
+    RELEASED_TEST_SETS,
+    TEST_SPLIT_GLOB,
+    DatasetError,
+    Item,
+    find_datasets,
+    load_records,
+    prepare_items,
+    prompt_for_mode,
+)
+from evaluation.judge import JudgeClient
+from evaluation.report import write_reports
+from evaluation.scoring import score
+from evaluation.storage import AnswerLog, read_json, write_json
+from transformers_vpt import VPT_Qwen2VLConfig, VRT_Qwen2VLConfig
+from transformers_vpt.pipeline import VPTPipeline, VPTResult
+from transformers_vpt.regions import open_image
+
+logger = logging.getLogger("evaluation")
+
+MODEL_KINDS = {"qwen2_vl": "baseline", VPT_Qwen2VLConfig.model_type: "vpt", VRT_Qwen2VLConfig.model_type: "vpt"}
+
+
+class ConfigError(ValueError):
+    """A usage error found after parsing (models, data, settings of an earlier run); exit status 2."""
+
+
+@dataclass
+class EvalConfig:
+    """Every option of the command line (and keys of a ``--config`` YAML file), with the upstream defaults."""
+
+    model: list[str]
+    data_dir: str
+    datasets: list[str] | None = None
+    media_dir: str | None = None
+    output_dir: str = "outputs/evaluation"
+    limit: int = 1000
+    max_image_side: int = 512
+    mode: str = "keep"
+    batch_size: int = 8
+    greedy: bool = False
+    max_new_tokens: int = 1024
+    temperature: float = 0.95
+    top_k: int = 10
+    top_p: float = 0.1
+    seed: int = 0
+    device: str | None = None
+    dtype: str = "auto"
+    judge_base_url: str | None = None
+    judge_model: str = "gpt-4o"
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    judge_concurrency: int = 8
+    region_meta: str | None = None
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        if self.greedy:
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
+        return {
+            "do_sample": True,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "temperature": self.temperature,
+            "max_new_tokens": self.max_new_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    path: Path
+    kind: str  # "vpt" or "baseline"
+
+
+@dataclass
+class Pair:
+    """One (model, dataset): its records (evaluable items and problems), output folder and the answers found there."""
+
+    model: ModelSpec
+    dataset: str
+    records: int
+    items: list[Item]
+    problems: list[dict[str, Any]]
+    directory: Path
+    answers: AnswerLog
+    done: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def pending(self) -> list[Item]:
+        return [item for item in self.items if item.index not in self.done]
+
+
+# --- command line ---------------------------------------------------------------------------------------------------
+
+_DEFAULTS = EvalConfig(model=[], data_dir="")
+
+
+def _default(name: str) -> str:
+    return f" (default: {getattr(_DEFAULTS, name)})"
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evaluation.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+        epilog=f"""\
+outputs (under --output-dir):
+  <model>/<dataset>/answers.jsonl      answers, appended per batch (the resume state)
+  <model>/<dataset>/settings.json      settings of these answers; a rerun must match them
+  <model>/<dataset>/final_answers.json question, ground truth, round-1 text, action, boxes, answer, scores
+  <model>/<dataset>/scores.json        dataset metrics, judge score, action counts, region accuracy
+  <model>/<dataset>/problems.json      records skipped in the last run (broken, unreadable), by index
+  summary.md|csv|json, summary.png     main score per model (rows) and dataset (columns), average
+  action_usage.md|json                 how often region, re-encoding or no perception token was used
+  judge_cache.jsonl, evaluation.log
+
+released splits:
+{textwrap.fill(", ".join(RELEASED_TEST_SETS), 110, initial_indent="  ", subsequent_indent="  ")}
+
+examples:
+  python evaluation/evaluation.py --model saves/vpt-2b-det --model qwen2vl=Qwen2-VL-2B-Instruct --data-dir data
+  python evaluation/evaluation.py --config evaluation/evaluation.yaml --limit 100 --greedy
+
+exit status: 0 when something was evaluated, 1 when nothing could be, 2 on usage errors.""",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="YAML",
+        help="read options from a YAML mapping (keys as the long options, e.g. data_dir: data); "
+        "options on the command line win",
+    )
+    data = parser.add_argument_group("models and data")
+    data.add_argument(
+        "--model",
+        action="extend",
+        nargs="+",
+        metavar="[NAME=]DIR",
+        help="model directory, repeatable; NAME (default: the folder name) names its output folder and table row. "
+        "A plain Qwen2-VL checkpoint is evaluated as the single-round baseline",
+    )
+    data.add_argument("--data-dir", metavar="DIR", help="folder of the test split JSON files (required)")
+    data.add_argument(
+        "--datasets",
+        nargs="+",
+        metavar="NAME",
+        help=f"splits to evaluate, by file name without .json (default: every {TEST_SPLIT_GLOB} in --data-dir)",
+    )
+    data.add_argument(
+        "--media-dir", metavar="DIR", help="folder that relative image paths start from (default: --data-dir)"
+    )
+    data.add_argument(
+        "--limit",
+        type=_int_at_least(0),
+        metavar="N",
+        help="evaluate the first N records of each split, 0 for all" + _default("limit"),
+    )
+    data.add_argument(
+        "--region-meta",
+        metavar="JSON",
+        help="report region-token accuracy: a JSON file whose 'targets' maps images[0] paths to {'cells': "
+        "[x0, y0, x1, y1]} (e.g. synthetic_meta.json); a region answer is correct when its cell box contains them",
+    )
+    inference = parser.add_argument_group("inference")
+    inference.add_argument(
+        "--mode",
+        choices=MODES,
+        help="round-1 trigger phrase: keep the record's, or rebuild the question with the region or re-encoding "
+        "trigger, or none (free); the baseline always gets none" + _default("mode"),
+    )
+    inference.add_argument(
+        "--max-image-side",
+        type=_int_at_least(0),
+        metavar="N",
+        help="downscale images and crops to this long side, 0 for no cap" + _default("max_image_side"),
+    )
+    inference.add_argument(
+        "--batch-size", type=_int_at_least(1), metavar="N", help="samples per batch" + _default("batch_size")
+    )
+    inference.add_argument(
+        "--greedy",
+        action=argparse.BooleanOptionalAction,
+        help="greedy decoding instead of the upstream sampling settings below (default: sampling)",
+    )
+    inference.add_argument(
+        "--max-new-tokens", type=_int_at_least(1), metavar="N", help="per round" + _default("max_new_tokens")
+    )
+    inference.add_argument(
+        "--temperature", type=float, metavar="T", help="sampling temperature" + _default("temperature")
+    )
+    inference.add_argument("--top-k", type=_int_at_least(0), metavar="K", help="sampling top-k" + _default("top_k"))
+    inference.add_argument("--top-p", type=float, metavar="P", help="sampling top-p" + _default("top_p"))
+    inference.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        help="seed; each batch is seeded with seed + its first record index, so resumed batches repeat"
+        + _default("seed"),
+    )
+    inference.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    inference.add_argument(
+        "--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="weights dtype" + _default("dtype")
+    )
+    judge = parser.add_argument_group("LLM judge (used only with --judge-base-url)")
+    judge.add_argument(
+        "--judge-base-url", metavar="URL", help="OpenAI-compatible API root, e.g. https://api.openai.com/v1"
+    )
+    judge.add_argument("--judge-model", metavar="NAME", help="judge model" + _default("judge_model"))
+    judge.add_argument(
+        "--judge-api-key-env",
+        metavar="VAR",
+        help="environment variable holding the API key" + _default("judge_api_key_env"),
+    )
+    judge.add_argument(
+        "--judge-concurrency",
+        type=_int_at_least(1),
+        metavar="N",
+        help="parallel requests" + _default("judge_concurrency"),
+    )
+    parser.add_argument("--output-dir", metavar="DIR", help="where results go" + _default("output_dir"))
+    return parser
+
+
+def _config_file_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
+    """The options of a YAML config file as command-line arguments, so that they are checked like them."""
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        parser.error(f"--config {path}: {error}")
+    if not isinstance(values, dict):
+        parser.error(f"--config {path}: expected a mapping of option names to values")
+    known = {f.name for f in fields(EvalConfig)}
+    argv = []
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            parser.error(f"--config {path}: unknown option {key!r}")
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
+    """Options from ``argv`` over those of ``--config``, over the defaults; usage errors exit with status 2."""
+    parser = build_parser()
+    values = vars(parser.parse_args(argv))
+    if "config" in values:
+        values = vars(parser.parse_args(_config_file_argv(values.pop("config"), parser))) | values
+    missing = [f"--{name.replace('_', '-')}" for name in ("model", "data_dir") if name not in values]
+    if missing:
+        parser.error(f"missing {' and '.join(missing)} (on the command line or in --config)")
+    return EvalConfig(**values)
+
+
+# --- evaluation -----------------------------------------------------------------------------------------------------
+
+
+def resolve_models(specs: Sequence[str]) -> list[ModelSpec]:
+    models = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).resolve().name, spec
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            raise ConfigError(f"--model {spec}: {path} is not a model directory (no config.json)")
+        model_type = read_json(config_file).get("model_type")
+        if model_type not in MODEL_KINDS:
+            raise ConfigError(f"--model {spec}: model_type {model_type!r} is neither Qwen2-VL nor VPT")
+        if not name or "/" in name or name.startswith("."):
+            raise ConfigError(f"--model {spec}: {name!r} cannot name an output folder")
+        models.append(ModelSpec(name, Path(path), MODEL_KINDS[model_type]))
+    names = [model.name for model in models]
+    if duplicates := sorted({name for name in names if names.count(name) > 1}):
+        raise ConfigError(f"several models are named {', '.join(duplicates)}; name them with --model NAME=DIR")
+    return models
+
+
+def load_region_targets(path: str | None) -> dict[str, dict[str, Any]] | None:
+    if path is None:
+        return None
+    try:
+        targets = read_json(path)["targets"]
+        for target in targets.values():
+            if len(target["cells"]) != 4:
+                raise ValueError(f"cells {target['cells']} are not [x0, y0, x1, y1]")
+    except (OSError, ValueError, LookupError, TypeError, AttributeError) as error:
+        raise ConfigError(f"--region-meta {path}: {type(error).__name__}: {error}") from error
+    return targets
+
+
+class Evaluator:
+    """Answers, scores and reports every (model, dataset) pair of a config."""
+
+    def __init__(self, config: EvalConfig, generation_overrides: dict[str, Any] | None = None):
+        """``generation_overrides`` (e.g. a ``logits_processor``) go to `generate` on top of the config's settings;
+        they are not part of the settings a rerun is checked against."""
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.generation = config.generation_kwargs()
+        self.generation_overrides = generation_overrides or {}
+        self.targets = load_region_targets(config.region_meta)
+        self.models = resolve_models(config.model)
+        try:
+            self.datasets = self._load_datasets()
+        except DatasetError as error:
+            raise ConfigError(str(error)) from error
+        self.pairs = {
+            model.name: [self._open_pair(model, name, *data) for name, data in self.datasets.items()]
+            for model in self.models
+        }
+
+    def _load_datasets(self) -> dict[str, tuple[list[Item], list[dict[str, Any]]]]:
+        config = self.config
+        media_dir = config.media_dir or config.data_dir
+        datasets = {}
+        for name, path in find_datasets(config.data_dir, config.datasets).items():
+            try:
+                records = load_records(path)
+            except DatasetError as error:
+                logger.error("Skipping %s: %s", name, error)
+                continue
+            items, problems = prepare_items(records, media_dir, config.limit or None)
+            datasets[name] = items, problems
+            logger.info("%s: %d records to evaluate, %d broken", name, len(items), len(problems))
+        return datasets
+
+    def settings(self, model: ModelSpec) -> dict[str, Any]:
+        """What the answers of ``model`` depend on; a rerun into the same folder must have the same."""
+        return {
+            "model_path": str(model.path.resolve()),
+            "kind": model.kind,
+            "mode": "free" if model.kind == "baseline" else self.config.mode,
+            "max_image_side": self.config.max_image_side,
+            "dtype": self.config.dtype,
+            "generation": self.generation,
+            "seed": self.config.seed,
+        }
+
+    def _open_pair(self, model: ModelSpec, dataset: str, items: list[Item], problems: list[dict]) -> Pair:
+        directory = self.output_dir / model.name / dataset
+        settings_file = directory / "settings.json"
+        if settings_file.exists():
+            saved, current = read_json(settings_file), json.loads(json.dumps(self.settings(model)))
+            if saved != current:
+                changed = sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
+                raise ConfigError(
+                    f"{directory} holds answers made with other settings ({', '.join(changed)}); "
+                    "use another --output-dir, or delete that folder to start it again"
+                )
+        answers = AnswerLog(directory / "answers.jsonl")
+        pair = Pair(model, dataset, len(items) + len(problems), items, list(problems), directory, answers)
+        pair.done = pair.answers.load()
+        questions = {item.index: item.question for item in items}
+        if stale := [i for i, answer in pair.done.items() if i in questions and answer["question"] != questions[i]]:
+            raise ConfigError(
+                f"{pair.answers.path} answers other questions than {dataset} has now (records {stale[:5]}...); "
+                "use another --output-dir"
+            )
+        return pair
+
+    def run(self) -> tuple[dict[str, dict[str, dict[str, Any]]], str]:
+        """Answer what is missing, score everything, write the reports; return the summaries and the Markdown."""
+        judge = None
+        if self.config.judge_base_url:
+            judge = JudgeClient(
+                self.config.judge_base_url,
+                model=self.config.judge_model,
+                api_key_env=self.config.judge_api_key_env,
+                cache_path=self.output_dir / "judge_cache.jsonl",
+                concurrency=self.config.judge_concurrency,
+            )
+        results = {}
+        try:
+            for model in self.models:
+                if todo := [pair for pair in self.pairs[model.name] if pair.pending]:
+                    self._answer(model, todo)
+                    gc.collect()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                results[model.name] = {pair.dataset: self._finish(pair, judge) for pair in self.pairs[model.name]}
+        finally:
+            if judge is not None:
+                judge.close()
+        models = {model.name: {"kind": model.kind, "path": str(model.path)} for model in self.models}
+        markdown = write_reports(self.output_dir, results, models, list(self.datasets))
+        return results, markdown
+
+    def _answer(self, model: ModelSpec, pairs: list[Pair]) -> None:
+        device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        logger.info("Loading %s model %s from %s on %s", model.kind, model.name, model.path, device)
+        pipeline_class = BaselinePipeline if model.kind == "baseline" else VPTPipeline
+        try:
+            runner = pipeline_class.from_pretrained(model.path, dtype=self.config.dtype, device=device)
+        except Exception as error:  # the other models can still be evaluated
+            logger.error(
+                "Cannot load %s (%s: %s); its missing answers are skipped", model.path, type(error).__name__, error
+            )
+            return
+        mode = self.settings(model)["mode"]
+        for pair in pairs:
+            pending = pair.pending
+            logger.info(
+                "%s / %s: answering %d records (%d already answered)",
+                model.name,
+                pair.dataset,
+                len(pending),
+                len(pair.done),
+            )
+            write_json(pair.directory / "settings.json", self.settings(model))
+            size = self.config.batch_size
+            with tqdm(total=len(pending), desc=f"{model.name}/{pair.dataset}", unit="item") as progress:
+                for start in range(0, len(pending), size):
+                    batch = pending[start : start + size]
+                    answers = self._answer_batch(runner, batch, mode, pair.problems)
+                    pair.answers.append(answers)
+                    pair.done.update((answer["index"], answer) for answer in answers)
+                    progress.update(len(batch))
+
+    def _answer_batch(self, runner, batch: list[Item], mode: str, problems: list[dict]) -> list[dict[str, Any]]:
+        """Answers of a batch; items whose image cannot be loaded or whose generation fails go to ``problems``."""
+        loaded = []
+        for item in batch:
+            try:
+                loaded.append((item, open_image(item.image_path)))
+            except (OSError, ValueError) as error:
+                self._problem(problems, item, f"cannot load image {item.image_path}: {error}")
+        return self._generate(runner, loaded, mode, problems)
+
+    def _generate(self, runner, loaded, mode: str, problems: list[dict]) -> list[dict[str, Any]]:
+        if not loaded:
+            return []
+        set_seed(self.config.seed + loaded[0][0].index)
+        prompts = [prompt_for_mode(item.question, mode) for item, _ in loaded]
+        try:
+            results = runner.run(
+                prompts,
+                [image for _, image in loaded],
+                batch_size=len(loaded),
+                max_image_side=self.config.max_image_side or None,
+                generation_kwargs=self.generation | self.generation_overrides,
+                progress=False,
+            )
+        except Exception as error:  # one bad sample (or memory) must not end the run: retry the items alone
+            if len(loaded) == 1:
+                self._problem(problems, loaded[0][0], f"generation failed: {type(error).__name__}: {error}")
+                return []
+            logger.warning("A batch failed (%s: %s); answering its records one by one", type(error).__name__, error)
+            return [answer for one in loaded for answer in self._generate(runner, [one], mode, problems)]
+        return [_answer_record(item, prompt, result) for (item, _), prompt, result in zip(loaded, prompts, results)]
+
+    @staticmethod
+    def _problem(problems: list[dict], item: Item, message: str) -> None:
+        logger.warning("Record %d skipped: %s", item.index, message)
+        problems.append({"index": item.index, "problem": message})
+
+    def _finish(self, pair: Pair, judge: JudgeClient | None) -> dict[str, Any]:
+        """Score the answered items of ``pair`` and write its final_answers, scores and problems files."""
+        rows = [
+            {
+                "index": item.index,
+                "image": item.image,
+                "question": item.question,
+                "ground_truth": item.reference,
+                **{key: pair.done[item.index][key] for key in ("prompt", "round1_text", "action", "boxes", "answer")},
+            }
+            for item in pair.items
+            if item.index in pair.done
+        ]
+        name = f"{pair.model.name}/{pair.dataset}"
+        final_answers, summary = score(pair.dataset, rows, judge, self.targets, desc=f"judge {name}")
+        summary = {
+            "model": pair.model.name,
+            "dataset": pair.dataset,
+            "kind": pair.model.kind,
+            "records": pair.records,
+            **summary,
+            "problems": len(pair.problems),
+        }
+        write_json(pair.directory / "final_answers.json", final_answers)
+        write_json(pair.directory / "scores.json", summary)
+        problems = sorted(pair.problems, key=lambda problem: problem["index"])
+        write_json(pair.directory / "problems.json", problems)
+        if problems:
+            logger.warning(
+                "%s: %d records skipped (indices %s); see %s",
+                name,
+                len(problems),
+                ", ".join(str(p["index"]) for p in problems[:20]),
+                pair.directory / "problems.json",
+            )
+        if summary["family"] is None:
+            logger.warning(
+                "%s: no judge-free metric for this dataset name (metrics.py knows the released splits only)%s",
+                name,
+                "" if judge else "; give --judge-base-url to score it",
+            )
+        return summary
+
+
+def _answer_record(item: Item, prompt: str, result: VPTResult) -> dict[str, Any]:
+    return {
+        "index": item.index,
+        "question": item.question,
+        "prompt": prompt,
+        **asdict(result),
+        "boxes": [list(box) for box in result.boxes],
+    }
+
+
+def evaluate(
+    config: EvalConfig, generation_overrides: dict[str, Any] | None = None
+) -> tuple[dict[str, dict[str, dict[str, Any]]], str]:
+    """Run the evaluation of ``config``; see `Evaluator`."""
+    return Evaluator(config, generation_overrides).run()
+
+
+@contextmanager
+def _logging_to(output_dir: Path):
+    """Log the ``evaluation`` loggers to stderr and to ``output_dir/evaluation.log`` (appended) meanwhile."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handlers = [logging.StreamHandler(), logging.FileHandler(output_dir / "evaluation.log", encoding="utf-8")]
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_config(argv)
+    with _logging_to(Path(config.output_dir)):
+        try:
+            results, markdown = evaluate(config)
+        except ConfigError as error:
+            logger.error("%s", error)
+            return 2
+        print(markdown)
+        if not any(summary["answered"] for per_dataset in results.values() for summary in per_dataset.values()):
+            logger.error("Nothing could be evaluated: no record was answered")
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""Scores of one (model, dataset): judge-free metrics, the LLM judge, action usage and region-token accuracy."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from transformers_vpt.regions import parse_regions
+
+from .judge import JudgeClient
+from .metrics import metric_family, score_dataset, score_items
+
+logger = logging.getLogger(__name__)
+
+PRIMARY_METRIC = {"vqa": "vqa_accuracy", "anls": "anls", "pope": "accuracy", "caption": "cider", "free_form": "rouge_l"}
+"""The main judge-free metric of each family, shown in the summary table when there is no judge."""
+
+JUDGE = "judge"
+
+
+def family_of(dataset: str) -> str | None:
+    """The dataset's metric family, or None for a name metrics.py does not know (no judge-free metric)."""
+    try:
+        return metric_family(dataset)
+    except ValueError:
+        return None
+
+
+def region_hit(round1_text: str, target_cells: Sequence[int]) -> bool:
+    """Whether a selected region's cell box (before the crop margin) contains the target's (x0, y0, x1, y1) cells."""
+    tx0, ty0, tx1, ty1 = target_cells
+    return any(
+        x0 <= tx0 and y0 <= ty0 and tx1 <= x1 and ty1 <= y1
+        for x0, y0, x1, y1 in (region.bounds for region in parse_regions(round1_text))
+    )
+
+
+def score(
+    dataset: str,
+    rows: list[dict[str, Any]],
+    judge: JudgeClient | None = None,
+    targets: Mapping[str, Mapping[str, Any]] | None = None,
+    desc: str = "judge",
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Score answered ``rows`` (dicts with question, ground_truth, answer, round1_text, action, image).
+
+    Returns the rows with their ``"scores"`` added, and the dataset summary: ``answered``, ``family``, ``metrics``
+    (judge-free aggregates), ``judge`` (score over the judged answers, counts of judged and failed), ``main``
+    (``{"metric", "value"}``: the judge when one is used, else the family's primary metric), ``actions`` (counts)
+    and ``region_accuracy`` (over region answers whose image has a target in ``targets``).
+    """
+    family = family_of(dataset)
+    predictions = [row["answer"] for row in rows]
+    references = [row["ground_truth"] for row in rows]
+    per_item = score_items(dataset, predictions, references) if family and rows else [{} for _ in rows]
+    scored = [{**row, "scores": dict(values)} for row, values in zip(rows, per_item)]
+    summary: dict[str, Any] = {
+        "answered": len(rows),
+        "family": family,
+        "metrics": score_dataset(dataset, predictions, references) if family else {},
+        "judge": None,
+        "actions": dict(Counter(row["action"] for row in rows)),
+        "region_accuracy": None,
+    }
+
+    if judge is not None:
+        results = judge.score_many([(r["question"], r["ground_truth"], r["answer"]) for r in rows], desc=desc)
+        for row, result in zip(scored, results):
+            row["scores"][JUDGE] = None if result.failed else result.score
+            row["judge_reply"] = result.reply
+            if result.failed:
+                row["judge_error"] = result.error
+        judged = [result.score for result in results if not result.failed]
+        summary["judge"] = {
+            "model": judge.model,
+            "score": sum(judged) / len(judged) if judged else None,
+            "judged": len(judged),
+            "failed": len(results) - len(judged),
+        }
+        if len(judged) < len(results):
+            logger.warning(
+                "%s: the judge failed on %d answers (left out; a rerun retries them)", desc, len(results) - len(judged)
+            )
+        summary["main"] = {"metric": JUDGE, "value": summary["judge"]["score"]}
+    elif family:
+        metric = PRIMARY_METRIC[family]
+        summary["main"] = {"metric": metric, "value": summary["metrics"].get(metric)}
+    else:
+        summary["main"] = {"metric": None, "value": None}
+
+    if targets:
+        hits = []
+        for row in scored:
+            if row["action"] == "region" and row["image"] in targets:
+                row["scores"]["region_hit"] = hit = region_hit(row["round1_text"], targets[row["image"]]["cells"])
+                hits.append(hit)
+        summary["region_accuracy"] = {
+            "correct": sum(hits),
+            "total": len(hits),
+            "accuracy": sum(hits) / len(hits) if hits else None,
+        }
+    return scored, summary
