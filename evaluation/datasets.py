@@ -1,6 +1,6 @@
 """The released VPT test splits: finding the files, checking records and turning them into evaluation items.
 
-A split is a JSON list of ShareGPT records (vpt_behaviour.md §4.1). Round 1 needs only the first user turn (which
+A split is a JSON list of ShareGPT records in the released format. Round 1 needs only the first user turn (which
 holds ``<image>`` and the trigger phrase), the first image, and the last assistant turn as the reference answer.
 """
 

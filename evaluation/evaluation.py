@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate VPT models and plain Qwen2-VL baselines on the released VPT test splits (vpt_behaviour.md §3.2).
+"""Evaluate VPT models and plain Qwen2-VL baselines on the released VPT test splits.
 
 A VPT model answers in two rounds (`transformers_vpt.pipeline.VPTPipeline`): round 1 on the record's first user
 turn and first image, round 2 on the region crops or the re-encoded image its perception tokens ask for. A plain

@@ -1,4 +1,4 @@
-"""LLM-as-judge scoring, reproducing the upstream VPT protocol (vpt_behaviour.md §3.2).
+"""LLM-as-judge scoring, reproducing the released VPT evaluation protocol.
 
 Each answer is sent once to an OpenAI-compatible ``/chat/completions`` endpoint with the upstream prompt,
 temperature 0 and at most 64 new tokens; the score is the first match of ``[01]\\.?\\d*`` in the reply.

@@ -95,7 +95,7 @@ def generate_calls(pipeline, monkeypatch):
 
 
 def expected_round2(question: str, round1: str, action: str, boxes, image):
-    """The round-2 prompt and processor inputs that vpt_behaviour §3.2 prescribes."""
+    """The round-2 prompt and processor inputs of the released protocol."""
     shown = cap_image(image, MAX_SIDE)
     if action == "region":
         assistant = round1

@@ -165,7 +165,7 @@ def test_nested_images_equal_flat_images(processor):
 
 
 def test_reencoding_sample_layout(processor):
-    """The released re-encoding conversation (vpt_behaviour §4.4) with every output present."""
+    """The released re-encoding conversation with every output present."""
     messages = [
         {
             "role": "user",
