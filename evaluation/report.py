@@ -105,6 +105,7 @@ def summary_chart(table: dict, path: Path) -> None:
     axes.set_xticks(range(len(groups)), groups, rotation=40, ha="right", fontsize=8)
     used = sorted({m for m in table["metrics"].values() if m})
     axes.set_ylabel("main score (" + ", ".join(used) + ")" if used else "main score")
+    axes.set_ylim(bottom=0)  # scores are non-negative; an all-zero row must not centre the axis on 0
     axes.set_title("VPT evaluation: main score per dataset")
     axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     write_atomic(path, lambda file: figure.savefig(file, format="png", dpi=100))
