@@ -93,6 +93,29 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
+@subcommand
+def _add_llamafactory_commands(subparsers: argparse._SubParsersAction) -> None:
+    for name, summary in (
+        ("train", "train with LLaMA-Factory and the VPT patches: vpt-cli train configs/RECIPE.yaml [key=value ...]"),
+        ("export", "export (e.g. merge a LoRA VPT model) with LLaMA-Factory: vpt-cli export CONFIG.yaml"),
+    ):
+        parser = subparsers.add_parser(
+            name,
+            help=summary,
+            description=summary + ". The same as `llamafactory-cli " + name + "`, with the patches applied in every "
+            "process (torchrun ranks included) even where the .pth import hook is not installed.",
+        )
+        parser.add_argument("args", nargs=argparse.REMAINDER, help="the YAML recipe and key=value overrides")
+        parser.set_defaults(handler=_run_llamafactory, command=name)
+
+
+def _run_llamafactory(args: argparse.Namespace) -> int:
+    from llamafactory_patches.launch import main as launch
+
+    launch([args.command, *args.args])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vpt-cli", description="Visual Perception Tokens for Qwen2-VL.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -1,0 +1,62 @@
+"""YAML keys of the VPT model: a `ModelArguments` subclass swapped into LLaMA-Factory's argument parsers."""
+
+from dataclasses import dataclass, field
+
+from llamafactory.hparams import parser
+from llamafactory.hparams.model_args import ModelArguments
+from llamafactory.train import trainer_utils
+
+from transformers_vpt.vocabulary import normalize_encoder_list
+
+
+@dataclass
+class VPTModelArguments(ModelArguments):
+    r"""Model arguments plus the VPT fields of the model config; unset (None) keeps the checkpoint's value."""
+
+    vision_encoder_ls: str | None = field(
+        default=None,
+        metadata={"help": "Re-encoding branches to build, a comma-separated subset of `dino`, `sam`, `clip`."},
+    )
+    num_inner_forward_run: int | None = field(
+        default=None,
+        metadata={"help": "1: single pass with unconditioned projections (alignment); 2: the two-pass VPT forward."},
+    )
+    para_mask_id: int | None = field(
+        default=None,
+        metadata={"help": "Mask modelling: 0 off, 1 mask chat turn #1, 2 mask turns #1 and #3."},
+    )
+    para_mask_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Probability, drawn per sample and per paragraph, of applying the paragraph mask."},
+    )
+    projector_scale: int | None = field(
+        default=None,
+        metadata={"help": "Number of control-token hidden states concatenated into one projector condition."},
+    )
+    vpt_added_token_ids: list[int] = field(
+        default_factory=list,
+        init=False,
+        metadata={"help": "Ids of the VPT tokens added to the tokenizer in this run, derived. Do not specify it."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.vision_encoder_ls is not None:  # a YAML list or a comma string; idempotent for `copyfrom`
+            self.vision_encoder_ls = normalize_encoder_list(self.vision_encoder_ls)
+
+
+VPT_CONFIG_FIELDS = (
+    "vision_encoder_ls",
+    "num_inner_forward_run",
+    "para_mask_id",
+    "para_mask_ratio",
+    "projector_scale",
+)
+"""The `VPTModelArguments` fields copied into the model config when set."""
+
+
+def patch() -> None:
+    for arg_classes in (parser._TRAIN_ARGS, parser._INFER_ARGS, parser._EVAL_ARGS):
+        arg_classes[arg_classes.index(ModelArguments)] = VPTModelArguments
+
+    trainer_utils.ModelArguments = VPTModelArguments  # `copyfrom` for reference and reward models

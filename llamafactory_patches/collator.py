@@ -1,0 +1,33 @@
+"""Batching: the extra image lists become `detection_images`, `seg_images`, `clip_pixel_values`/`clip_images_grid_thw`.
+
+Everything else (fake image, M-RoPE positions from `get_rope_index`, 4-D masks, dtype casting) is the upstream
+collator's; the VPT pads are text positions for `get_rope_index`, which is the model's own rule.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from llamafactory.data.collator import SFTDataCollatorWith4DAttentionMask
+from llamafactory.train.sft import workflow
+
+from .data import EXTRA_IMAGE_KEYS
+
+
+@dataclass
+class VPTDataCollator(SFTDataCollatorWith4DAttentionMask):
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        extra_images = {
+            key: [image for feature in features for image in feature.pop(key, None) or []] for key in EXTRA_IMAGE_KEYS
+        }  # popped before the tokenizer pads the features
+        batch = super().__call__(features)
+        if any(extra_images.values()):
+            extra_inputs = self.template.mm_plugin.get_extra_mm_inputs(self.processor, **extra_images)
+            for key, value in extra_inputs.items():
+                batch[key] = value.to(self.compute_dtype) if torch.is_floating_point(value) else value
+
+        return batch
+
+
+def patch() -> None:
+    workflow.SFTDataCollatorWith4DAttentionMask = VPTDataCollator

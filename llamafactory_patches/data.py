@@ -1,0 +1,85 @@
+"""Dataset columns: `detection_images`, `seg_images` and `clip_images` in `dataset_info.json`, resolved like `images`.
+
+The released `dataset_info.json` maps the CLIP images under the column key `depth_images`; it is read as
+`clip_images`. Image paths may carry a crop suffix (`path_x0,y0,x1,y1`): the real path is resolved against
+`media_dir` and the suffix is kept.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from llamafactory.data import converter, parser
+from llamafactory.data.converter import (
+    AlpacaDatasetConverter,
+    OpenAIDatasetConverter,
+    SharegptDatasetConverter,
+)
+
+from transformers_vpt.regions import join_crop_path, split_crop_path
+from transformers_vpt.vocabulary import BRANCH_TOKENS
+
+EXTRA_IMAGE_KEYS = tuple(branch.images_key for branch in BRANCH_TOKENS.values())
+"""`detection_images`, `seg_images`, `clip_images`: dataset columns, example keys and plugin arguments."""
+
+RELEASED_CLIP_COLUMN_KEY = "depth_images"
+
+
+@dataclass(repr=False)  # keep the upstream repr: the dataset name
+class VPTDatasetAttr(parser.DatasetAttr):
+    detection_images: str | None = None
+    seg_images: str | None = None
+    clip_images: str | None = None
+
+    def join(self, attr: dict[str, Any]) -> None:
+        super().join(attr)
+        columns = attr.get("columns", {})
+        for key in EXTRA_IMAGE_KEYS:
+            self.set_attr(key, columns)
+
+        if self.clip_images is None:
+            self.clip_images = columns.get(RELEASED_CLIP_COLUMN_KEY)
+
+
+class ExtraImagesConverterMixin:
+    r"""Emits `_detection_images`, `_seg_images` and `_clip_images` (None when absent) next to `_images`."""
+
+    def __call__(self, example: dict[str, Any]) -> dict[str, Any]:
+        output = super().__call__(example)
+        for key in EXTRA_IMAGE_KEYS:
+            column = getattr(self.dataset_attr, key, None)
+            output[f"_{key}"] = self._find_medias(example[column]) if column else None
+
+        return output
+
+    def _find_medias(self, medias):
+        if isinstance(medias, str):
+            medias = [medias]
+
+        if not medias or not all(isinstance(media, str) for media in medias):
+            return super()._find_medias(medias)
+
+        paths, boxes = zip(*(split_crop_path(media) for media in medias), strict=True)
+        found = super()._find_medias(list(paths))
+        return [path if box is None else join_crop_path(path, box) for path, box in zip(found, boxes, strict=True)]
+
+
+@dataclass
+class VPTAlpacaDatasetConverter(ExtraImagesConverterMixin, AlpacaDatasetConverter):
+    pass
+
+
+@dataclass
+class VPTSharegptDatasetConverter(ExtraImagesConverterMixin, SharegptDatasetConverter):
+    pass
+
+
+@dataclass
+class VPTOpenAIDatasetConverter(ExtraImagesConverterMixin, OpenAIDatasetConverter):
+    pass
+
+
+def patch() -> None:
+    parser.DatasetAttr = VPTDatasetAttr
+    converter.DATASET_CONVERTERS.update(
+        alpaca=VPTAlpacaDatasetConverter, sharegpt=VPTSharegptDatasetConverter, openai=VPTOpenAIDatasetConverter
+    )

@@ -1,0 +1,107 @@
+"""Model loading: VPT tokens, YAML values into the config, new-token embeddings, freeze and LoRA keys.
+
+* `patch_tokenizer` adds the VPT tokens of the branches in use (the YAML's `vision_encoder_ls`, else the
+  checkpoint's) before the dataset is tokenized, so placeholders and action tokens are single tokens.
+* `patch_config` copies the YAML's VPT fields into a VPT config and fills its token ids from the tokenizer.
+* `patch_model` initialises the embedding rows of tokens added in this run (see `init_added_token_rows`).
+* `freeze_vision_tower` also freezes DINOv2 and SAM; the projectors are trainable in full fine-tuning, never LoRA
+  targets, and reachable with `additional_target` under LoRA.
+"""
+
+from functools import wraps
+
+from llamafactory.extras import logging
+from llamafactory.extras.constants import MROPE_MODELS
+from llamafactory.model import loader
+from llamafactory.model.model_utils.visual import _register_composite_model
+
+from transformers_vpt import VPT_Qwen2VLConfig, VRT_Qwen2VLConfig
+from transformers_vpt.perception import BRANCHES
+from transformers_vpt.vocabulary import add_vpt_tokens
+
+from .args import VPT_CONFIG_FIELDS
+from .embeddings import init_added_token_rows
+
+logger = logging.get_logger(__name__)
+
+VPT_MODEL_TYPES = (VPT_Qwen2VLConfig.model_type, VRT_Qwen2VLConfig.model_type)
+
+
+def _add_tokens(tokenizer, model_args, vision_encoder_ls, config=None) -> None:
+    size = len(tokenizer)
+    add_vpt_tokens(tokenizer, config, vision_encoder_ls=vision_encoder_ls)
+    if len(tokenizer) > size:
+        logger.info_rank0(f"Added {len(tokenizer) - size} VPT tokens for {vision_encoder_ls} to the tokenizer.")
+        model_args.vpt_added_token_ids += range(size, len(tokenizer))
+        model_args.resize_vocab = True
+
+
+def _checkpoint_encoders(model_args) -> list[str] | None:
+    if model_args.vision_encoder_ls is not None:
+        return model_args.vision_encoder_ls
+
+    config = loader.load_config(model_args)
+    return config.vision_encoder_ls if isinstance(config, VPT_Qwen2VLConfig) else None
+
+
+def _wrap_patch_tokenizer(patch_tokenizer):
+    @wraps(patch_tokenizer)
+    def wrapper(tokenizer, model_args):
+        patch_tokenizer(tokenizer, model_args)
+        vision_encoder_ls = _checkpoint_encoders(model_args)
+        if vision_encoder_ls is not None:
+            _add_tokens(tokenizer, model_args, vision_encoder_ls)
+
+    return wrapper
+
+
+def _wrap_patch_config(patch_config):
+    @wraps(patch_config)
+    def wrapper(config, tokenizer, model_args, init_kwargs, is_trainable):
+        patch_config(config, tokenizer, model_args, init_kwargs, is_trainable)
+        values = {name: getattr(model_args, name) for name in VPT_CONFIG_FIELDS}
+        values = {name: value for name, value in values.items() if value is not None}
+        if not isinstance(config, VPT_Qwen2VLConfig):
+            if values:
+                raise ValueError(
+                    f"{sorted(values)} are set but {model_args.model_name_or_path} is not a VPT checkpoint "
+                    f"(model_type {config.model_type!r}); build one with scripts/prepare_weights.py"
+                )
+            return
+
+        for name, value in values.items():
+            setattr(config, name, value)
+
+        _add_tokens(tokenizer, model_args, config.vision_encoder_ls, config)
+        config.validate_vpt()
+
+    return wrapper
+
+
+def _wrap_patch_model(patch_model):
+    @wraps(patch_model)
+    def wrapper(model, tokenizer, model_args, is_trainable, add_valuehead):
+        initialised = init_added_token_rows(model, model_args.vpt_added_token_ids)
+        if initialised:
+            logger.info_rank0(f"Initialised the embeddings of new tokens {initialised} to the mean embedding.")
+
+        patch_model(model, tokenizer, model_args, is_trainable, add_valuehead)
+
+    return wrapper
+
+
+def patch() -> None:
+    loader.patch_tokenizer = _wrap_patch_tokenizer(loader.patch_tokenizer)
+    loader.patch_config = _wrap_patch_config(loader.patch_config)
+    loader.patch_model = _wrap_patch_model(loader.patch_model)
+    encoders = [branch.encoder_attr for branch in BRANCHES.values() if branch.encoder_attr]
+    projectors = [branch.projector_attr for branch in BRANCHES.values()]
+    for model_type in VPT_MODEL_TYPES:
+        _register_composite_model(
+            model_type=model_type,
+            projector_keys=["visual.merger"],
+            vision_model_keys=["visual.patch_embed", "visual.blocks", *encoders],
+            language_model_keys=["language_model", "lm_head"],
+            lora_conflict_keys=["patch_embed", *projectors],
+        )
+        MROPE_MODELS.add(model_type)

@@ -1,0 +1,72 @@
+"""Tokenization: the extra image lists go through the plugin and into the dataset; `*_action` labels are masked."""
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from llamafactory.data import loader
+from llamafactory.data.processor import (
+    PackedSupervisedDatasetProcessor,
+    SupervisedDatasetProcessor,
+    UnsupervisedDatasetProcessor,
+)
+from llamafactory.extras.constants import IGNORE_INDEX
+
+from transformers_vpt.vocabulary import BRANCH_TOKENS, token_id
+
+from .data import EXTRA_IMAGE_KEYS
+from .plugin import TEMPLATE_NAME, VPTQwen2VLPlugin
+
+
+class ExtraImagesProcessorMixin:
+    r"""Encodes each example with its extra images bound to the plugin and keeps them as dataset columns."""
+
+    def preprocess_dataset(self, examples: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        plugin = self.template.mm_plugin
+        if not isinstance(plugin, VPTQwen2VLPlugin):
+            return super().preprocess_dataset(examples)
+
+        model_inputs = defaultdict(list)
+        for i in range(len(examples["_prompt"])):
+            example = {key: values[i : i + 1] for key, values in examples.items()}
+            extra = {key: example.get(f"_{key}", [None])[0] for key in EXTRA_IMAGE_KEYS}
+            with plugin.extra_images(**{key: images or [] for key, images in extra.items()}):
+                encoded = super().preprocess_dataset(example)
+
+            if encoded.get("input_ids"):  # else the upstream processor dropped the example
+                for key, values in encoded.items():
+                    model_inputs[key] += values
+
+                for key, images in extra.items():
+                    model_inputs[key].append(images)
+
+        return model_inputs
+
+
+@dataclass
+class VPTSupervisedDatasetProcessor(ExtraImagesProcessorMixin, SupervisedDatasetProcessor):
+    def _encode_data_example(self, *args, **kwargs) -> tuple[list[int], list[int]]:
+        r"""Upstream encoding; then every `<|*_action|>` label is ignored (its input is a control state)."""
+        input_ids, labels = super()._encode_data_example(*args, **kwargs)
+        action_ids = {token_id(self.tokenizer, branch.action) for branch in BRANCH_TOKENS.values()} - {None}
+        return input_ids, [IGNORE_INDEX if label in action_ids else label for label in labels]
+
+
+class VPTUnsupervisedDatasetProcessor(ExtraImagesProcessorMixin, UnsupervisedDatasetProcessor):
+    pass
+
+
+@dataclass
+class VPTPackedSupervisedDatasetProcessor(PackedSupervisedDatasetProcessor):
+    def __post_init__(self):
+        if isinstance(self.template.mm_plugin, VPTQwen2VLPlugin):
+            raise ValueError(
+                f"`packing`/`neat_packing` is not supported with the {TEMPLATE_NAME} template: mask modelling and "
+                "the pairing of extra images with their action tokens assume one sample per row."
+            )
+
+
+def patch() -> None:
+    loader.SupervisedDatasetProcessor = VPTSupervisedDatasetProcessor
+    loader.UnsupervisedDatasetProcessor = VPTUnsupervisedDatasetProcessor
+    loader.PackedSupervisedDatasetProcessor = VPTPackedSupervisedDatasetProcessor

@@ -1,0 +1,75 @@
+"""Training: a zero-contribution path through every VPT branch, so that DDP needs no `find_unused_parameters`.
+
+A micro-batch may lack a branch's extra images (or, in single-pass mode, never use the projector's condition
+path), which leaves trainable parameters without a gradient on that rank. Each training step therefore adds
+`0 * projector(dummy features, dummy condition).sum()` for every built branch: every trainable VPT parameter
+gets a (zero) gradient on every rank, and the loss value is unchanged. The dummy features come from the branch's
+own encoder on one blank image, preprocessed by the VPT processor; they are computed once and reused while the
+encoder is frozen, and recomputed each step when it trains.
+"""
+
+from typing import Any
+
+import torch
+from llamafactory.train.sft import workflow
+from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
+from PIL import Image
+from typing_extensions import override
+
+from transformers_vpt import VPT_Qwen2VLForConditionalGeneration
+from transformers_vpt.perception import VisionBranch
+
+DUMMY_IMAGE_SIZE = 64
+
+
+class VPTSeq2SeqTrainer(CustomSeq2SeqTrainer):
+    def __init__(self, *args, processor=None, **kwargs) -> None:
+        super().__init__(*args, processor=processor, **kwargs)
+        self.vpt_processor = processor
+        self.frozen_dummy_features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _dummy_features(self, model: VPT_Qwen2VLForConditionalGeneration, branch: VisionBranch):
+        encoder = getattr(model, branch.encoder_attr) if branch.encoder_attr else None
+        trainable = encoder is not None and any(param.requires_grad for param in encoder.parameters())
+        if trainable or branch.kind not in self.frozen_dummy_features:
+            blank = Image.new("RGB", (DUMMY_IMAGE_SIZE, DUMMY_IMAGE_SIZE))
+            inputs = self.vpt_processor.preprocess_extra_images(branch.tokens.prefix, [blank])
+            with torch.set_grad_enabled(trainable):
+                features = branch.encode(model, {key: value.to(model.device) for key, value in inputs.items()})
+
+            if trainable:
+                return features
+
+            self.frozen_dummy_features[branch.kind] = features
+
+        return self.frozen_dummy_features[branch.kind]
+
+    def zero_branch_loss(self, model: VPT_Qwen2VLForConditionalGeneration) -> torch.Tensor:
+        condition_size = model.config.projector_scale * model.config.text_config.hidden_size
+        total = 0.0
+        for branch in model.vpt_branches:
+            features, tokens_per_image = self._dummy_features(model, branch)
+            control_states = features.new_zeros(len(tokens_per_image), condition_size)
+            total = total + getattr(model, branch.projector_attr)(features, tokens_per_image, control_states).sum()
+
+        return 0.0 * total
+
+    @override
+    def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, **kwargs):
+        result = super().compute_loss(model, inputs, return_outputs, **kwargs)
+        vpt_model = self.accelerator.unwrap_model(model)
+        if hasattr(vpt_model, "get_base_model"):  # peft
+            vpt_model = vpt_model.get_base_model()
+
+        if not model.training or not isinstance(vpt_model, VPT_Qwen2VLForConditionalGeneration):
+            return result
+
+        if return_outputs:
+            loss, outputs = result
+            return loss + self.zero_branch_loss(vpt_model), outputs
+
+        return result + self.zero_branch_loss(vpt_model)
+
+
+def patch() -> None:
+    workflow.CustomSeq2SeqTrainer = VPTSeq2SeqTrainer

@@ -1,0 +1,147 @@
+"""The tiny recipes of configs/tiny run end to end through plain `llamafactory-cli` (and `vpt-cli`), on CPU.
+
+Every run is a subprocess in a scratch directory laid out like the repository (`outputs/tiny/...`), so the recipes
+are used exactly as written; the patches come from the installed import hook (or from `vpt-cli`).
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from transformers_vpt import VPT_Qwen2VLForConditionalGeneration, VPT_Qwen2VLProcessor
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "configs" / "tiny"
+BIN = Path(sys.executable).parent
+PROJECTORS = ("detection_projector.", "seg_projector.", "clip_projector.")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    spec = importlib.util.spec_from_file_location("make_tiny", RECIPES / "make_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    directory = tmp_path_factory.mktemp("runs")
+    module.make_tiny(directory / "outputs" / "tiny")
+    return directory
+
+
+def run(workdir: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # torchrun is called by name
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(workdir / "cache"),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **env,
+    }
+    result = subprocess.run(args, cwd=workdir, env=environment, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def llamafactory(workdir: Path, command: str, recipe: str, *overrides: str, **env: str) -> subprocess.CompletedProcess:
+    return run(workdir, str(BIN / "llamafactory-cli"), command, str(RECIPES / recipe), *overrides, **env)
+
+
+def losses(output_dir: Path) -> list[float]:
+    log = [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()]
+    return [entry["loss"] for entry in log if "loss" in entry]
+
+
+def test_alignment_trains_only_the_projectors(workdir):
+    llamafactory(workdir, "train", "alignment.yaml")
+    before = load_file(workdir / "outputs/tiny/vpt-init/model.safetensors")
+    after = load_file(workdir / "outputs/tiny/runs/alignment/model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed and all(key.startswith(PROJECTORS) for key in changed), sorted(changed)
+    assert any(key.startswith("detection_projector.") for key in changed)
+    assert any(key.startswith("seg_projector.") for key in changed)
+
+
+def test_instruction_loss_decreases_and_checkpoints_keep_the_processor(workdir):
+    llamafactory(workdir, "train", "instruction.yaml")
+    output_dir = workdir / "outputs/tiny/runs/instruction"
+    values = losses(output_dir)
+    assert len(values) == 8 and all(math.isfinite(value) for value in values)
+    assert sum(values[-2:]) < sum(values[:2]), values
+    for directory in (output_dir, output_dir / "checkpoint-4"):
+        processor = AutoProcessor.from_pretrained(directory)
+        assert type(processor) is VPT_Qwen2VLProcessor
+        assert processor.detection_processor_config["crop_size"] == {"height": 28, "width": 28}
+    config = json.loads((output_dir / "config.json").read_text())
+    assert (config["num_inner_forward_run"], config["para_mask_id"], config["para_mask_ratio"]) == (2, 1, 0.5)
+
+
+def test_ddp_two_processes_without_find_unused_parameters(workdir):
+    overrides = ("output_dir=outputs/tiny/runs/ddp", "per_device_train_batch_size=1", "max_steps=4",
+                 "save_steps=100", "ddp_find_unused_parameters=false")
+    result = llamafactory(workdir, "train", "instruction.yaml", *overrides, FORCE_TORCHRUN="1", NPROC_PER_NODE="2")
+    assert "world size: 2" in result.stdout + result.stderr
+    values = losses(workdir / "outputs/tiny/runs/ddp")
+    assert len(values) == 4 and all(math.isfinite(value) for value in values)
+
+
+@pytest.fixture(scope="module")
+def exported(workdir):
+    llamafactory(workdir, "train", "instruction_lora.yaml")
+    llamafactory(workdir, "export", "export_lora.yaml")
+    return workdir / "outputs/tiny/exported"
+
+
+def test_lora_export_merges_into_a_vpt_checkpoint(workdir, exported):
+    model = AutoModelForImageTextToText.from_pretrained(exported)
+    assert type(model) is VPT_Qwen2VLForConditionalGeneration and model.config.num_inner_forward_run == 2
+    assert type(AutoProcessor.from_pretrained(exported)) is VPT_Qwen2VLProcessor
+    before = load_file(workdir / "outputs/tiny/vpt-init/model.safetensors")
+    after = load_file(exported / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert any(key.startswith("model.layers.") for key in changed)  # merged LoRA
+    assert any(key.startswith(PROJECTORS) for key in changed)  # additional_target
+    assert not any(key.startswith(("visual.", "detection_model.", "seg_model.")) for key in changed)
+
+
+def test_predict_writes_generated_predictions(workdir, exported):
+    llamafactory(workdir, "train", "predict.yaml")
+    lines = (workdir / "outputs/tiny/runs/predict/generated_predictions.jsonl").read_text().splitlines()
+    predictions = [json.loads(line) for line in lines]
+    assert len(predictions) == 8 and all({"prompt", "predict", "label"} <= set(p) for p in predictions)
+    assert any("<|detection_image_pad|>" in p["prompt"] for p in predictions)
+
+
+def test_vpt_cli_points_torchrun_at_its_rank_script(monkeypatch):
+    from llamafactory import launcher
+
+    from llamafactory_patches import launch
+
+    commands, finished = [], subprocess.CompletedProcess([], returncode=0)
+    monkeypatch.setattr(launcher, "__file__", launcher.__file__)
+    monkeypatch.setattr(sys, "argv", ["vpt-cli"])
+    monkeypatch.setattr(launcher.subprocess, "run", lambda command, **kwargs: commands.append(command) or finished)
+    monkeypatch.setenv("FORCE_TORCHRUN", "1")
+    with pytest.raises(SystemExit):
+        launch.main(["train", "recipe.yaml", "max_steps=1"])
+    assert commands[0][0] == "torchrun" and commands[0][-3:] == [launch.__file__, "recipe.yaml", "max_steps=1"]
+
+
+def test_vpt_cli_rank_script_applies_the_patches_without_the_hook(workdir):
+    site_packages = sysconfig.get_paths()["purelib"]
+    overrides = ("output_dir=outputs/tiny/runs/rank", "max_steps=1")
+    run(  # `python -S`: no .pth file runs, so no import hook; the script must patch by itself
+        workdir, sys.executable, "-S", str(ROOT / "llamafactory_patches" / "launch.py"),
+        str(RECIPES / "alignment.yaml"), *overrides, PYTHONPATH=os.pathsep.join((str(ROOT), site_packages)),
+    )
+    assert len(losses(workdir / "outputs/tiny/runs/rank")) == 1
