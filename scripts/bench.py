@@ -1,0 +1,629 @@
+#!/usr/bin/env python
+"""Benchmark VPT against plain Qwen2-VL on the same token sequences, and against the upstream VPT design.
+
+For each variant (``region``: region-selection tokens and a crop; ``dino`` / ``sam`` / ``clip``: an action triple
+and a re-encoded image) one process builds a VPT model with random weights and a plain
+`Qwen2VLForConditionalGeneration` holding the same text and vision weights (the state dict is copied; only the
+branch modules are left out), then measures, with the two sides alternating within every repetition:
+
+* ``train_step_s``: forward + backward (no optimizer) on a training batch in the released layout: system turn, user
+  turn with an image and a question, assistant action triple or region span, user turn with the extra image's pads,
+  answer (as long as needed to reach ``--seq-len``). Labels cover the assistant turns but not the action token. The
+  vision tower and the extra encoder are frozen, as in the released training configs.
+* ``train_peak_mib``: the model's parameters and buffers plus the peak of what one training step allocates on top.
+  On CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated before the step. On CPU: the allocation trace
+  of ``torch.profiler`` (``profile_memory=True``): every allocation and free of PyTorch's CPU allocator during the
+  step, ordered by time, summed; the peak of that sum. It counts tensor bytes, like the CUDA figure, not the process
+  RSS (which malloc caching and library memory make useless for a before/after comparison). Measured once, after the
+  timing warm-ups.
+* ``decode_tokens_per_s``: greedy ``generate`` of ``--new-tokens`` tokens (``min_new_tokens = max_new_tokens``) from
+  the round-1 prompt; the action start is forced as the second generated token, so VPT generates an action triple
+  and runs its action path. Time is taken after every generated token (a stopping criterion that never stops);
+  throughput = (new tokens - 1) / (last - first), i.e. the decode steps without the prefill.
+* ``round2_prefill_s``: one cached forward over the round-2 prompt (the action and the extra image included): VPT's
+  two-pass prefill against plain's single pass over the same tokens.
+
+The plain model sees the VPT tokens as ordinary tokens and simply embeds the extra image's pad tokens; it never runs
+the extra encoder (DINOv2, SAM, or for ``clip`` the vision tower re-encoding the image). So that ratios measure what
+VPT's design adds rather than what the extra features cost, that encoder's forward is timed separately (median of
+the same repetitions) and added to plain's training step and prefill, and its weights are added to plain's memory.
+Reported values are medians over ``--repeats`` runs after ``--warmup`` runs; ratios are VPT / plain.
+
+The ``upstream-design`` rows run the design of the released implementation on the ``--upstream-variant`` model, with
+the same weights: pass 1 and pass 2 each over every input column (no prefix reuse) in training and prefill, and in
+generation two decoder passes and two ``copy.deepcopy`` of the KV cache on every decode step, re-feeding the last two
+tokens after an action token. Its ratios use the same plain figures.
+
+Sizes: ``tiny`` (default; the tiny test configs, CPU) or ``2b`` / ``7b`` (the public Qwen2-VL, DINOv2-large and SAM
+ViT-L configs from configs/models/, random weights; bf16 on a GPU when one is present, float32 on CPU). ``--layers``
+and ``--encoder-layers`` cut the depth at real widths for a CPU smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from functools import partial
+from itertools import accumulate, chain
+from pathlib import Path
+from typing import Callable
+
+import torch
+import transformers
+from torch.profiler import ProfilerActivity, profile
+from tqdm import tqdm
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_utils import no_init_weights
+
+from transformers_vpt import VPT_Qwen2VLConfig, VPT_Qwen2VLForConditionalGeneration, VPTCausalLMOutputWithPast
+from transformers_vpt.models.qwen2_vl_vpt.modeling_qwen2_vl_vpt import EXTRA_IMAGE_INPUTS
+from transformers_vpt.models.qwen2_vl_vpt.processing_qwen2_vl_vpt import (
+    DEFAULT_DETECTION_PROCESSOR_CONFIG,
+    DEFAULT_SEG_PROCESSOR_CONFIG,
+)
+from transformers_vpt.perception import BRANCHES
+from transformers_vpt.tiny import build_tiny_tokenizer
+from transformers_vpt.tiny.model import TINY_DINO, TINY_SAM, TINY_TEXT, TINY_VISION
+from transformers_vpt.tiny.processor import TINY_DETECTION_PROCESSOR_CONFIG, TINY_SEG_PROCESSOR_CONFIG
+from transformers_vpt.tiny.tokenizer import QWEN2_VL_SPECIAL_TOKENS
+from transformers_vpt.vocabulary import (
+    BRANCH_KINDS,
+    BRANCH_TOKENS,
+    IM_END,
+    IM_START,
+    IMAGE_PAD,
+    REGION_END,
+    REGION_START,
+    VISION_END,
+    VISION_START,
+    vpt_tokens,
+    x_token,
+    y_token,
+)
+
+logger = logging.getLogger("bench")
+
+MODELS = Path(__file__).resolve().parents[1] / "configs" / "models"
+VARIANTS = ("region", "dino", "sam", "clip")
+UPSTREAM = "upstream-design"
+# figure -> (comparison, target ratio VPT / plain)
+FIGURES = {
+    "train_step_s": ("<=", 1.35),
+    "train_peak_mib": ("<=", 1.30),
+    "decode_tokens_per_s": (">=", 0.95),
+    "round2_prefill_s": ("<=", 1.15),
+}
+QWEN2_VL_FIRST_SPECIAL_ID = 151643  # <|endoftext|>; Qwen2-VL's 14 special tokens, then the VPT tokens
+QUESTION_TOKENS = 32
+FORCED_STEP = 1  # the action start is the second generated token
+
+
+# ---------------------------------------------------------------------------------------------------- the upstream design
+class UpstreamDesign(VPT_Qwen2VLForConditionalGeneration):
+    """The released implementation's two-pass design, same numerics as VPT (mask modelling aside), upstream's work.
+
+    Every forward runs pass 1 and pass 2 over all of its input columns, each on a `copy.deepcopy` of the KV cache, so
+    training and prefill run the decoder twice over the whole sequence and each decode step runs it twice and copies
+    the cache twice. A decode step whose new token is `<|x_action|>` drops the cached `<|x_action_start|>` and re-feeds
+    the last two tokens, so that pass 1 recomputes the control state. The loss takes full float32 logits, as upstream.
+    """
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, cache_position=None, **kwargs):
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, cache_position=cache_position, **kwargs
+        )
+        if inputs["cache_position"][0] != 0 and self._action_mask(input_ids[:, -1:]).any():
+            past_key_values.crop(-1)
+            two_tokens = cache_position[-1:] + torch.tensor([-1, 0], device=cache_position.device)
+            inputs.update(input_ids=input_ids[:, -2:], cache_position=two_tokens, position_ids=None)
+        return inputs
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, labels=None,
+                use_cache=None, pixel_values=None, image_grid_thw=None, cache_position=None, **kwargs):
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = self._position_ids(input_ids, attention_mask, image_grid_thw, None, cache_position, past_length)
+        if cache_position is None:
+            cache_position = torch.arange(past_length, past_length + input_ids.shape[1], device=input_ids.device)
+        decode = partial(self.model.language_model, attention_mask=attention_mask, position_ids=position_ids,
+                         cache_position=cache_position, use_cache=use_cache)
+
+        embeds = self._embed_inputs(input_ids, pixel_values, image_grid_thw, None, None)
+        extra_images = self._collect_extra_images(input_ids, {key: kwargs.get(key) for key in EXTRA_IMAGE_INPUTS})
+        first = embeds
+        for images in extra_images:
+            first = self._scatter(first, images)
+        pass1 = decode(inputs_embeds=first, past_key_values=copy.deepcopy(past_key_values))
+        control = torch.zeros_like(embeds)
+        control[:, 1:] = pass1.last_hidden_state[:, :-1]
+        second = embeds
+        for images in extra_images:
+            second = self._scatter(second, images, self._control_states_per_image(images, input_ids, control))
+        second = torch.where(self._action_mask(input_ids).unsqueeze(-1), control, second)
+        pass2 = decode(inputs_embeds=second, past_key_values=copy.deepcopy(past_key_values))
+
+        hidden_states = pass2.last_hidden_state
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        return VPTCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=pass2.past_key_values,
+                                         rope_deltas=self.model.rope_deltas, last_hidden_state=hidden_states[:, -1])
+
+
+def upstream_view(model: VPT_Qwen2VLForConditionalGeneration) -> UpstreamDesign:
+    """The same modules and weights (a shallow copy: nothing is duplicated), run with the upstream design."""
+    view = copy.copy(model)
+    view.__class__ = UpstreamDesign
+    return view
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def vocabulary(size: str) -> dict[str, int]:
+    """Token ids: the tiny tokenizer's, or for real sizes Qwen2-VL's special ids followed by the VPT tokens."""
+    if size == "tiny":
+        return build_tiny_tokenizer().get_vocab()
+    special, normal = vpt_tokens(BRANCH_KINDS)
+    return {name: QWEN2_VL_FIRST_SPECIAL_ID + i for i, name in enumerate([*QWEN2_VL_SPECIAL_TOKENS, *special, *normal])}
+
+
+def token_id_fields(vocab: dict[str, int]) -> dict[str, int]:
+    fields = dict(
+        image_token_id=vocab[IMAGE_PAD], video_token_id=vocab["<|video_pad|>"], vision_start_token_id=vocab[VISION_START],
+        vision_end_token_id=vocab[VISION_END], para_start_id=vocab[IM_START], para_end_id=vocab[IM_END],
+    )
+    for branch in BRANCH_TOKENS.values():
+        fields[branch.image_token_id_field] = vocab[branch.image_pad]
+        fields[branch.action_id_field] = vocab[branch.action]
+        fields[branch.action_start_id_field] = vocab[branch.action_start]
+    return fields
+
+
+def build_config(args, variant: str, vocab: dict[str, int]) -> VPT_Qwen2VLConfig:
+    if args.size == "tiny":
+        fields = copy.deepcopy(dict(text_config=TINY_TEXT, vision_config=TINY_VISION, detection_config=TINY_DINO,
+                                    seg_config=TINY_SAM, seg_projector_stride=1, tie_word_embeddings=False))
+        text = fields["text_config"]
+    else:
+        fields = json.loads((MODELS / f"qwen2-vl-{args.size}-instruct.json").read_text())
+        fields["detection_config"] = json.loads((MODELS / "dinov2-large.json").read_text())
+        fields["seg_config"] = json.loads((MODELS / "sam-vit-large-vision.json").read_text())
+        for sub in (fields, fields["detection_config"], fields["seg_config"]):
+            sub.pop("model_type")
+            sub.pop("architectures", None)
+        text = fields  # the transformers-4.45 flat layout: text fields at the top level
+    if args.layers:
+        text["num_hidden_layers"] = args.layers
+    if args.encoder_layers:
+        depth, seg = args.encoder_layers, fields["seg_config"]
+        fields["vision_config"]["depth"] = depth
+        fields["detection_config"]["num_hidden_layers"] = seg["num_hidden_layers"] = depth
+        seg["global_attn_indexes"] = [i for i in seg["global_attn_indexes"] if i < depth] or [depth - 1]
+    return VPT_Qwen2VLConfig(**{
+        **fields, **token_id_fields(vocab),
+        "vision_encoder_ls": [] if variant == "region" else [variant],
+        "num_inner_forward_run": 2,
+        "para_mask_id": int(args.para_mask_ratio > 0),
+        "para_mask_ratio": args.para_mask_ratio,
+    })
+
+
+def plain_config(config: VPT_Qwen2VLConfig) -> Qwen2VLConfig:
+    keys = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "tie_word_embeddings")
+    return Qwen2VLConfig(text_config=config.text_config.to_dict(), vision_config=config.vision_config.to_dict(),
+                         **{key: getattr(config, key) for key in keys})
+
+
+def build_models(args, variant: str, vocab: dict[str, int], device: torch.device, dtype: torch.dtype):
+    """(plain, vpt): random VPT weights, and plain Qwen2-VL with the same text and vision weights; vision frozen."""
+    config = build_config(args, variant, vocab)
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        vpt = VPT_Qwen2VLForConditionalGeneration(config).to(dtype)
+        with no_init_weights():  # every weight is copied from the VPT model below
+            plain = Qwen2VLForConditionalGeneration(plain_config(config)).to(dtype)
+    plain.tie_weights()  # skipped by no_init_weights
+    branch_modules = tuple(
+        f"{name}." for branch in vpt.vpt_branches for name in (branch.encoder_attr, branch.projector_attr) if name
+    )
+    missing, unexpected = plain.load_state_dict(vpt.state_dict(), strict=False)
+    if missing or not all(key.startswith(branch_modules) for key in unexpected):
+        raise RuntimeError(f"plain and VPT weights differ: missing {missing}, unexpected {unexpected}")
+    tied = [m.lm_head.weight is m.get_input_embeddings().weight for m in (plain, vpt)]
+    if tied[0] != tied[1]:
+        raise RuntimeError(f"plain and VPT disagree on tied embeddings: {tied}")
+    for model in (plain, vpt):
+        model.model.visual.requires_grad_(False)  # freeze_vision_tower, as the released training configs
+    for branch in vpt.vpt_branches:
+        if branch.encoder_attr:
+            getattr(vpt, branch.encoder_attr).requires_grad_(False)
+    return plain, vpt
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class Shapes:
+    image: int  # side of the original image, pixels
+    crop: int  # side of a region crop
+    dino: int  # DINOv2 input side
+    sam: int  # SAM input side
+
+
+def shapes(args) -> Shapes:
+    detection, seg = (
+        (TINY_DETECTION_PROCESSOR_CONFIG, TINY_SEG_PROCESSOR_CONFIG) if args.size == "tiny"
+        else (DEFAULT_DETECTION_PROCESSOR_CONFIG, DEFAULT_SEG_PROCESSOR_CONFIG)
+    )
+    crop = max(56, args.image_size // 2 // 28 * 28)
+    return Shapes(args.image_size, crop, detection["crop_size"]["height"], seg["pad_size"]["height"])
+
+
+def qwen_image(side: int, config, generator) -> tuple[torch.Tensor, list[int], int]:
+    """Random patches of a side x side image in Qwen2-VL's format, its (t, h, w) grid and its number of tokens."""
+    vision = config.vision_config
+    grid = side // vision.patch_size
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    return torch.randn(grid * grid, patch_dim, generator=generator), [1, grid, grid], grid**2 // vision.spatial_merge_size**2
+
+
+def make_inputs(variant: str, config, vocab: dict[str, int], shape: Shapes, seq_len: int, batch_size: int,
+                seed: int) -> dict[str, dict]:
+    """Model inputs of one conversation, repeated `batch_size` times: "train" (with labels), "round1", "round2".
+
+    The layout is the released one: system, user (image, question), assistant (action triple or region span), user
+    (the extra image), assistant (answer). Round 1 is the prompt up to the first assistant header; round 2 the prompt
+    up to the last one.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def text(n: int) -> list[int]:
+        return torch.randint(0, 256, (n,), generator=generator).tolist()  # byte tokens: ordinary text
+
+    def turn(body: list[int]) -> list[int]:
+        return [vocab[IM_START], *text(1), *body, vocab[IM_END], *text(1)]
+
+    def image_run(pad: str, count: int) -> list[int]:
+        return [vocab[VISION_START], *[vocab[pad]] * count, vocab[VISION_END]]
+
+    image, grid, image_tokens = qwen_image(shape.image, config, generator)
+    images, grids, extra = [image], [grid], {}
+    if variant == "region":
+        reply = [vocab[t] for t in (REGION_START, x_token(1), y_token(2), x_token(5), y_token(6), REGION_END)]
+        crop, crop_grid, crop_tokens = qwen_image(shape.crop, config, generator)
+        images.append(crop)
+        grids.append(crop_grid)
+        extra_run = image_run(IMAGE_PAD, crop_tokens)
+    else:
+        branch = BRANCH_TOKENS[variant]
+        reply = [vocab[branch.action_start], vocab[branch.action], vocab[branch.action_end]]
+        if variant == "dino":
+            extra = {"detection_images": torch.randn(1, 3, shape.dino, shape.dino, generator=generator)}
+            pads = (shape.dino // config.detection_config.patch_size) ** 2
+        elif variant == "sam":
+            extra = {"seg_images": torch.randn(1, 3, shape.sam, shape.sam, generator=generator)}
+            pads = (shape.sam // config.seg_config.patch_size // config.seg_projector_stride) ** 2
+        else:  # clip re-encodes the original image at its resolution
+            extra = {"clip_pixel_values": image, "clip_images_grid_thw": torch.tensor([grid])}
+            pads = image_tokens
+        extra_run = image_run(branch.image_pad, pads)
+
+    system = turn(text(8))
+    user = turn([*image_run(IMAGE_PAD, image_tokens), *text(QUESTION_TOKENS)])
+    first_reply, second_user = turn(reply), turn(extra_run)
+    header = [vocab[IM_START], *text(1)]
+    answer_length = seq_len - len(system + user + first_reply + second_user + header) - 1
+    if answer_length < 1:
+        raise ValueError(f"--seq-len {seq_len} is too short for the {variant} layout: it needs at least "
+                         f"{seq_len - answer_length + 1} tokens")
+    answer = [*text(answer_length), vocab[IM_END]]
+    round1 = system + user + header
+    round2 = system + user + first_reply + second_user + header
+    train = round2 + answer
+
+    reply_labels = reply if variant == "region" else [reply[0], -100, reply[2]]  # the action is never a target
+    labels = torch.full((len(train),), -100)
+    reply_start = len(system + user) + 2  # after <|im_start|> and the role token
+    labels[reply_start : reply_start + len(reply) + 1] = torch.tensor([*reply_labels, vocab[IM_END]])
+    labels[len(round2) :] = torch.tensor(answer)
+
+    def repeat(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tensor] * batch_size)
+
+    def batch(ids: list[int], images: list[torch.Tensor], grids: list[list[int]], extra: dict) -> dict:
+        return dict(
+            input_ids=torch.tensor([ids] * batch_size),
+            attention_mask=torch.ones(batch_size, len(ids), dtype=torch.long),
+            pixel_values=repeat(torch.cat(images)),
+            image_grid_thw=repeat(torch.tensor(grids)),
+            **{key: repeat(value) for key, value in extra.items()},
+        )
+
+    return {
+        "train": {**batch(train, images, grids, extra), "labels": labels.repeat(batch_size, 1)},
+        "round1": batch(round1, images[:1], grids[:1], {}),
+        "round2": batch(round2, images, grids, extra),
+    }
+
+
+def without_extra(inputs: dict) -> dict:
+    """Plain Qwen2-VL's view of a batch: the same tokens, no extra-image inputs."""
+    return {key: value for key, value in inputs.items() if key not in EXTRA_IMAGE_INPUTS}
+
+
+def to_device(inputs: dict, device: torch.device) -> dict:
+    return {key: value.to(device) for key, value in inputs.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- measurements
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn: Callable, *args) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn(*args)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def train_step(model, batch: dict) -> None:
+    model.train()
+    model(**batch, use_cache=False).loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def prefill(model, batch: dict) -> None:
+    model.eval()
+    with torch.no_grad():
+        model(**batch, use_cache=True)
+
+
+def encode_extra(model, variant: str, batch: dict) -> None:
+    """The extra encoder's forward alone (DINOv2, SAM, or the vision tower for clip)."""
+    with torch.no_grad():
+        BRANCHES[variant].encode(model, batch)
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def train_peak_mib(model, batch: dict, device: torch.device) -> float:
+    """The model's parameters and buffers plus the peak allocated on top of them by one training step, in MiB."""
+    own = tensor_bytes(chain(model.parameters(), model.buffers()))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        train_step(model, batch)
+        torch.cuda.synchronize(device)
+        step_peak = torch.cuda.max_memory_allocated(device) - before
+    else:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            train_step(model, batch)
+        trace = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+        step_peak = max(accumulate((nbytes for _, nbytes in trace), initial=0))
+    return (own + step_peak) / 2**20
+
+
+class ForceAt(LogitsProcessor):
+    """Force `token` as the `step`-th generated token (0-based)."""
+
+    def __init__(self, prompt_length: int, step: int, token: int):
+        self.position, self.token = prompt_length + step, token
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] == self.position:
+            scores = torch.full_like(scores, -float("inf"))
+            scores[:, self.token] = 0.0
+        return scores
+
+
+class StepClock(StoppingCriteria):
+    """Records the time after every generated token; never stops generation."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def decode_tokens_per_s(model, prompt: dict, new_tokens: int, force: int | None, vocab: dict[str, int],
+                        device: torch.device) -> float:
+    model.eval()
+    clock = StepClock(device)
+    processors = [ForceAt(prompt["input_ids"].shape[1], FORCED_STEP, force)] if force is not None else []
+    with torch.no_grad():
+        model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       logits_processor=LogitsProcessorList(processors), stopping_criteria=StoppingCriteriaList([clock]),
+                       pad_token_id=vocab["<|endoftext|>"], eos_token_id=vocab[IM_END])
+    return (new_tokens - 1) / (clock.times[-1] - clock.times[0])
+
+
+def medians(runs: dict[str, Callable[[], float]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median value per side; the sides alternate within each repetition, so drift affects them alike."""
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    samples = {side: [] for side in runs}
+    for _ in range(repeats):
+        for side, run in runs.items():
+            samples[side].append(run())
+    return {side: statistics.median(values) for side, values in samples.items()}
+
+
+def bench_variant(args, variant: str, vocab: dict[str, int], device: torch.device, dtype: torch.dtype,
+                  progress: tqdm) -> list[dict]:
+    plain, vpt = build_models(args, variant, vocab, device, dtype)
+    config = vpt.config
+    inputs = {key: to_device(batch, device) for key, batch in
+              make_inputs(variant, config, vocab, shapes(args), args.seq_len, args.batch_size, args.seed).items()}
+    models = {"plain": plain, "vpt": vpt}
+    if variant == args.upstream_variant:
+        models[UPSTREAM] = upstream_view(vpt)
+    side_inputs = {side: {key: without_extra(batch) if side == "plain" else batch for key, batch in inputs.items()}
+                   for side in models}
+
+    encoder_s, encoder_mib = 0.0, 0.0
+    if variant != "region":
+        run = partial(timed, device, encode_extra, vpt, variant, inputs["round2"])
+        encoder_s = medians({"encoder": run}, args.warmup, args.repeats)["encoder"]
+        encoder_attr = BRANCHES[variant].encoder_attr
+        if encoder_attr:
+            encoder = getattr(vpt, encoder_attr)
+            encoder_mib = tensor_bytes(chain(encoder.parameters(), encoder.buffers())) / 2**20
+    logger.info(f"{variant}: extra encoder forward {encoder_s:.4g} s, weights {encoder_mib:.4g} MiB (added to plain)")
+    progress.update()
+
+    force = None if variant == "region" else getattr(config, BRANCHES[variant].tokens.action_start_id_field)
+    figures = {
+        "train_step_s": (lambda m, side: timed(device, train_step, m, side_inputs[side]["train"]), encoder_s),
+        "train_peak_mib": (lambda m, side: train_peak_mib(m, side_inputs[side]["train"], device), encoder_mib),
+        "decode_tokens_per_s": (lambda m, side: decode_tokens_per_s(
+            m, side_inputs[side]["round1"], args.new_tokens, force, vocab, device), 0.0),
+        "round2_prefill_s": (lambda m, side: timed(device, prefill, m, side_inputs[side]["round2"]), encoder_s),
+    }
+    entries = []
+    for figure, (measure, plain_extra) in figures.items():
+        warmup, repeats = (0, 1) if figure == "train_peak_mib" else (args.warmup, args.repeats)
+        values = medians({side: partial(measure, m, side) for side, m in models.items()}, warmup, repeats)
+        plain_value = values.pop("plain") + plain_extra
+        for side, value in values.items():
+            entries.append(dict(figure=figure, variant=variant if side == "vpt" else side, plain=plain_value,
+                                vpt=value, ratio=value / plain_value))
+        progress.update()
+    del plain, vpt, models
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------------- reporting
+def machine_description(device: torch.device, dtype: torch.dtype) -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    cpu = names[0] if names else platform.processor() or platform.machine()
+    gpu = f"GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "no GPU"
+    return (f"{platform.platform()}; CPU {cpu} ({os.cpu_count()} logical cores); {gpu}; torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads); transformers {transformers.__version__}; running on {device}, "
+            f"{str(dtype).removeprefix('torch.')}")
+
+
+def meets(entry: dict) -> bool:
+    comparison, target = FIGURES[entry["figure"]]
+    return entry["ratio"] <= target if comparison == "<=" else entry["ratio"] >= target
+
+
+def format_table(entries: list[dict]) -> str:
+    lines = [f"{'figure':<21}{'variant':<17}{'plain':>11}{'vpt':>11}{'ratio':>8}  {'target':<8}met",
+             "-" * 79]
+    for e in entries:
+        comparison, target = FIGURES[e["figure"]]
+        lines.append(f"{e['figure']:<21}{e['variant']:<17}{e['plain']:>11.4g}{e['vpt']:>11.4g}{e['ratio']:>8.3f}  "
+                     f"{comparison + str(target):<8}{'yes' if meets(e) else 'NO'}")
+    lines.append(f"(ratio = vpt / plain; plain includes the extra encoder's forward time and weights; "
+                 f"{UPSTREAM} rows: the upstream design in the vpt column)")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, data) -> None:
+    """Write `data` atomically: readers see the old file or the complete new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--size", choices=("tiny", "2b", "7b"), default="tiny",
+                        help="tiny test configs, or the real Qwen2-VL size with random weights (default: tiny)")
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the size's own)")
+    parser.add_argument("--encoder-layers", type=int,
+                        help="layers of the vision tower, DINOv2 and SAM (default: the size's own)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="variants to measure (default: all)")
+    parser.add_argument("--upstream-variant", choices=VARIANTS[1:], default="dino",
+                        help=f"variant on which the {UPSTREAM} rows are measured; must be in --variants (default: dino)")
+    parser.add_argument("--seq-len", type=int, help="training sequence length (default: 256 tiny, 1024 real sizes)")
+    parser.add_argument("--batch-size", type=int, default=1, help="rows per batch (default: 1)")
+    parser.add_argument("--image-size", type=int,
+                        help="side of the original image in pixels, a multiple of 28 (default: 56 tiny, 336 real sizes)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode run, >= 4 (default: 32)")
+    parser.add_argument("--para-mask-ratio", type=float, default=0.0,
+                        help="mask modelling of the first user turn in training, as the released configs (0.5); "
+                             "default 0: off")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions, medians reported (default: 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the repetitions (default: 1)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default: 0)")
+    parser.add_argument("--out", type=Path, help="also write the entries as JSON to this file")
+    args = parser.parse_args(argv)
+    real = args.size != "tiny"
+    args.seq_len = args.seq_len or (1024 if real else 256)
+    args.image_size = args.image_size or (336 if real else 56)
+    if args.image_size % 28:
+        parser.error("--image-size must be a multiple of 28 (patch 14, merge 2)")
+    if args.new_tokens < FORCED_STEP + 3:
+        parser.error(f"--new-tokens must be at least {FORCED_STEP + 3}, so that a decode step consumes the action")
+    if args.upstream_variant not in args.variants:
+        parser.error("--upstream-variant must be one of --variants")
+    if args.repeats < 1 or args.warmup < 0 or args.batch_size < 1:
+        parser.error("--repeats and --batch-size must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    vocab = vocabulary(args.size)
+    print(f"Machine: {machine_description(device, dtype)}")
+    print(f"Setup: size {args.size}, layers {args.layers or 'all'}, encoder layers {args.encoder_layers or 'all'}, "
+          f"seq-len {args.seq_len}, batch {args.batch_size}, image {args.image_size}px, {args.new_tokens} new tokens, "
+          f"para-mask-ratio {args.para_mask_ratio}, {args.warmup} warm-up + {args.repeats} repeats (medians)")
+    entries = []
+    with tqdm(total=len(args.variants) * (len(FIGURES) + 1), desc="measurements", disable=None) as progress:
+        for variant in args.variants:
+            entries += bench_variant(args, variant, vocab, device, dtype, progress)
+    entries.sort(key=lambda e: (list(FIGURES).index(e["figure"]), [*VARIANTS, UPSTREAM].index(e["variant"])))
+    print(format_table(entries))
+    if args.out:
+        write_json(args.out, entries)
+    return entries
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""scripts/bench.py: the JSON report, and the upstream design doing upstream's work with VPT's numerics."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+_spec = importlib.util.spec_from_file_location("bench", SCRIPT)
+bench = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = bench
+_spec.loader.exec_module(bench)
+
+SEQ_LEN = 96
+CPU = torch.device("cpu")
+
+
+def test_report_has_every_figure_and_variant(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["--repeats", "1", "--warmup", "0", "--seq-len", str(SEQ_LEN), "--new-tokens", "4", "--out", str(out)])
+    entries = json.loads(out.read_text())
+    expected = {(figure, variant) for figure in bench.FIGURES for variant in (*bench.VARIANTS, bench.UPSTREAM)}
+    assert sorted((e["figure"], e["variant"]) for e in entries) == sorted(expected)
+    for entry in entries:
+        assert set(entry) == {"figure", "variant", "plain", "vpt", "ratio"}
+        assert entry["plain"] > 0 and entry["vpt"] > 0
+        assert entry["ratio"] == pytest.approx(entry["vpt"] / entry["plain"])
+    printed = capsys.readouterr().out
+    assert "Machine:" in printed and all(figure in printed for figure in bench.FIGURES)
+
+
+@pytest.fixture(scope="module")
+def dino():
+    args = bench.parse_args(["--seq-len", str(SEQ_LEN)])
+    vocab = bench.vocabulary("tiny")
+    plain, vpt = bench.build_models(args, "dino", vocab, CPU, torch.float32)
+    inputs = bench.make_inputs("dino", vpt.config, vocab, bench.shapes(args), SEQ_LEN, 2, seed=0)
+    return plain, vpt, inputs, vocab
+
+
+def decoder_columns(model, run) -> list[int]:
+    """Columns of every decoder call made by `run()`."""
+    columns = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: columns.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    try:
+        run()
+    finally:
+        hook.remove()
+    return columns
+
+
+def test_plain_model_holds_the_vpt_text_and_vision_weights(dino):
+    plain, vpt, _, _ = dino
+    ours = vpt.state_dict()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, ours[key]), key
+
+
+def test_upstream_training_step_runs_two_full_passes(dino):
+    plain, vpt, inputs, _ = dino
+    upstream = bench.upstream_view(vpt)
+    train = inputs["train"]
+    assert decoder_columns(plain, lambda: bench.train_step(plain, bench.without_extra(train))) == [SEQ_LEN]
+    ours = decoder_columns(vpt, lambda: bench.train_step(vpt, train))
+    assert len(ours) == 2 and sum(ours) == SEQ_LEN  # pass 1 up to the action, pass 2 from it
+    assert decoder_columns(upstream, lambda: bench.train_step(upstream, train)) == [SEQ_LEN, SEQ_LEN]
+
+
+def test_upstream_decoding_runs_two_passes_per_step(dino):
+    _, vpt, inputs, vocab = dino
+    upstream = bench.upstream_view(vpt)
+    prompt, new_tokens = inputs["round1"], 6
+    start = vpt.config.detection_action_start_id
+    runs = {
+        name: lambda model=model: bench.decode_tokens_per_s(model, prompt, new_tokens, start, vocab, CPU)
+        for name, model in (("vpt", vpt), ("upstream", upstream))
+    }
+    prompt_length = prompt["input_ids"].shape[1]
+    assert decoder_columns(vpt, runs["vpt"]) == [prompt_length] + [1] * (new_tokens - 1)
+    # the step consuming <|detection_action|> (generated third) re-feeds it with its start token
+    steps = [1] * (new_tokens - 1)
+    steps[bench.FORCED_STEP + 1] = 2
+    assert decoder_columns(upstream, runs["upstream"]) == [c for c in [prompt_length, *steps] for _ in range(2)]
+
+
+def test_upstream_design_has_vpt_numerics(dino):
+    _, vpt, inputs, vocab = dino
+    upstream = bench.upstream_view(vpt)
+    vpt.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(upstream(**inputs["train"]).logits, vpt(**inputs["train"]).logits)
+    prompt = inputs["round1"]
+    force = bench.LogitsProcessorList([bench.ForceAt(prompt["input_ids"].shape[1], bench.FORCED_STEP,
+                                                     vpt.config.detection_action_start_id)])
+    outputs = [
+        model.generate(**prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, logits_processor=force,
+                       pad_token_id=vocab["<|endoftext|>"], eos_token_id=vocab[bench.IM_END])
+        for model in (vpt, upstream)
+    ]
+    assert torch.equal(outputs[0], outputs[1])
+    assert vpt.config.detection_action_id in outputs[0][0].tolist()
