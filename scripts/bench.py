@@ -50,11 +50,11 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from itertools import accumulate, chain
 from pathlib import Path
-from typing import Callable
 
 import torch
 import transformers
@@ -71,8 +71,14 @@ from transformers import (
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_utils import no_init_weights
 
-from transformers_vpt import VPT_Qwen2VLConfig, VPT_Qwen2VLForConditionalGeneration, VPTCausalLMOutputWithPast
-from transformers_vpt.models.qwen2_vl_vpt.modeling_qwen2_vl_vpt import EXTRA_IMAGE_INPUTS
+from transformers_vpt import (
+    VPT_Qwen2VLConfig,
+    VPT_Qwen2VLForConditionalGeneration,
+    VPTCausalLMOutputWithPast,
+)
+from transformers_vpt.models.qwen2_vl_vpt.modeling_qwen2_vl_vpt import (
+    EXTRA_IMAGE_INPUTS,
+)
 from transformers_vpt.models.qwen2_vl_vpt.processing_qwen2_vl_vpt import (
     DEFAULT_DETECTION_PROCESSOR_CONFIG,
     DEFAULT_SEG_PROCESSOR_CONFIG,
@@ -80,7 +86,10 @@ from transformers_vpt.models.qwen2_vl_vpt.processing_qwen2_vl_vpt import (
 from transformers_vpt.perception import BRANCHES
 from transformers_vpt.tiny import build_tiny_tokenizer
 from transformers_vpt.tiny.model import TINY_DINO, TINY_SAM, TINY_TEXT, TINY_VISION
-from transformers_vpt.tiny.processor import TINY_DETECTION_PROCESSOR_CONFIG, TINY_SEG_PROCESSOR_CONFIG
+from transformers_vpt.tiny.processor import (
+    TINY_DETECTION_PROCESSOR_CONFIG,
+    TINY_SEG_PROCESSOR_CONFIG,
+)
 from transformers_vpt.tiny.tokenizer import QWEN2_VL_SPECIAL_TOKENS
 from transformers_vpt.vocabulary import (
     BRANCH_KINDS,
