@@ -11,14 +11,15 @@ import torch
 from llamafactory.data.collator import SFTDataCollatorWith4DAttentionMask
 from llamafactory.train.sft import workflow
 
-from .data import EXTRA_IMAGE_KEYS
+from .data import EXTRA_IMAGE_KEYS, unpack_paths
 
 
 @dataclass
 class VPTDataCollator(SFTDataCollatorWith4DAttentionMask):
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         extra_images = {
-            key: [image for feature in features for image in feature.pop(key, None) or []] for key in EXTRA_IMAGE_KEYS
+            key: [image for feature in features for image in unpack_paths(feature.pop(key, None))]
+            for key in EXTRA_IMAGE_KEYS
         }  # popped before the tokenizer pads the features
         batch = super().__call__(features)
         if any(extra_images.values()):

@@ -5,6 +5,7 @@ The released `dataset_info.json` maps the CLIP images under the column key `dept
 `media_dir` and the suffix is kept.
 """
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,22 @@ EXTRA_IMAGE_KEYS = tuple(branch.images_key for branch in BRANCH_TOKENS.values())
 """`detection_images`, `seg_images`, `clip_images`: dataset columns, example keys and plugin arguments."""
 
 RELEASED_CLIP_COLUMN_KEY = "depth_images"
+
+
+def pack_paths(medias: list[Any] | None) -> str | list[Any]:
+    r"""An extra-image list as a dataset cell: a JSON string when it holds paths (always, for these files).
+
+    `datasets` types a column from the first batch it writes (1,000 rows). Extra images are usually absent from many
+    records (a DINO record has no SAM images), so a first batch without any would type a list column as null and
+    the first later row with images would fail to cast. A string column has one type whatever it holds.
+    """
+    medias = medias or []
+    return json.dumps(medias) if all(isinstance(media, str) for media in medias) else medias
+
+
+def unpack_paths(cell: str | list[Any] | None) -> list[Any]:
+    r"""The inverse of `pack_paths` (``None`` reads as no images)."""
+    return json.loads(cell) if isinstance(cell, str) else cell or []
 
 
 @dataclass(repr=False)  # keep the upstream repr: the dataset name
@@ -47,7 +64,7 @@ class ExtraImagesConverterMixin:
         output = super().__call__(example)
         for key in EXTRA_IMAGE_KEYS:
             column = getattr(self.dataset_attr, key, None)
-            output[f"_{key}"] = self._find_medias(example[column]) if column else None
+            output[f"_{key}"] = pack_paths(self._find_medias(example[column]) if column else None)
 
         return output
 

@@ -14,7 +14,7 @@ from llamafactory.extras.constants import IGNORE_INDEX
 
 from transformers_vpt.vocabulary import BRANCH_TOKENS, token_id
 
-from .data import EXTRA_IMAGE_KEYS
+from .data import EXTRA_IMAGE_KEYS, pack_paths, unpack_paths
 from .plugin import TEMPLATE_NAME, VPTQwen2VLPlugin
 
 
@@ -29,8 +29,8 @@ class ExtraImagesProcessorMixin:
         model_inputs = defaultdict(list)
         for i in range(len(examples["_prompt"])):
             example = {key: values[i : i + 1] for key, values in examples.items()}
-            extra = {key: example.get(f"_{key}", [None])[0] for key in EXTRA_IMAGE_KEYS}
-            with plugin.extra_images(**{key: images or [] for key, images in extra.items()}):
+            extra = {key: unpack_paths(example.get(f"_{key}", [None])[0]) for key in EXTRA_IMAGE_KEYS}
+            with plugin.extra_images(**extra):
                 encoded = super().preprocess_dataset(example)
 
             if encoded.get("input_ids"):  # else the upstream processor dropped the example
@@ -38,7 +38,7 @@ class ExtraImagesProcessorMixin:
                     model_inputs[key] += values
 
                 for key, images in extra.items():
-                    model_inputs[key].append(images)
+                    model_inputs[key].append(pack_paths(images))
 
         return model_inputs
 

@@ -88,8 +88,10 @@ class Options:
             raise ValueError(f"grid must be in 1..{GRID_SIZE}: the vocabulary has {GRID_SIZE} x and y tokens")
         if not 0 <= self.distractors < len(NUMBER_WORDS):
             raise ValueError(f"distractors must be in 0..{len(NUMBER_WORDS) - 1}")
-        if not 0 < self.object_size <= 1 or self.object_size * self.image_size / self.grid < 6:
-            raise ValueError("object_size must be in (0, 1] of a cell and give objects of at least 6 pixels")
+        if not 0 < self.object_size <= self.grid / 2 or self.object_size * self.image_size / self.grid < 6:
+            raise ValueError(
+                f"object_size must be in (0, {self.grid / 2:g}] cells (grid / 2) and give objects of at least 6 pixels"
+            )
         ratios = (self.region_ratio, self.reencode_ratio, self.plain_ratio)
         if min(ratios) < 0 or sum(ratios) <= 0:
             raise ValueError("record-kind ratios must be >= 0 with a positive sum")
@@ -339,7 +341,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "image_size": "side of the square images in pixels",
         "grid": f"region-token grid size (the vocabulary and the two-round evaluation use {GRID_SIZE})",
         "distractors": "gray distractor shapes per image",
-        "object_size": "object side as a fraction of a grid cell (jittered by +-20%%)",
+        "object_size": "object side in grid cells (jittered by +-20%%)",
         "region_ratio": "share of region-selection records in the vpt mixtures",
         "reencode_ratio": "share of re-encoding records in the vpt mixtures",
         "plain_ratio": "share of plain question-answer records in the vpt mixtures",

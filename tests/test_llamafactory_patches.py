@@ -15,6 +15,7 @@ from transformers import AutoModelForImageTextToText
 import llamafactory_patches
 from llamafactory_patches import hook
 from llamafactory_patches.build_pth import PTH_LINE, PTH_NAME
+from llamafactory_patches.data import unpack_paths
 from transformers_vpt.tiny import build_tiny_tokenizer
 from transformers_vpt.vocabulary import BRANCH_TOKENS, token_id
 
@@ -82,7 +83,7 @@ def test_extra_images_are_expanded_and_kept(dataset, tiny):
     counts = dict.fromkeys(SEQLEN | {"clip_images": None}, 0)
     for row in dataset:
         for branch in BRANCH_TOKENS.values():
-            images = row[branch.images_key] or []
+            images = unpack_paths(row[branch.images_key])
             counts[branch.images_key] += len(images)
             assert all(Path(image).is_absolute() and Path(image).is_file() for image in images)
             pads = row["input_ids"].count(token_id(tokenizer, branch.image_pad))
@@ -91,6 +92,16 @@ def test_extra_images_are_expanded_and_kept(dataset, tiny):
             else:
                 assert (pads > 0) == bool(images)
     assert all(counts.values()), counts
+
+
+def test_extra_image_columns_survive_batches_without_them(tiny, tmp_path):
+    # `datasets` types a column from its first written batch: with 2-row batches, the DINO file's rows (no SAM or
+    # CLIP images) come first, and the SAM and CLIP rows must still be kept.
+    args = train_args(tiny, tmp_path, preprocessing_batch_size=2)
+    rows = load_dataset_module(**args)["train_dataset"]
+    kinds = {key: sum(bool(unpack_paths(row[key])) for row in rows) for key in ("seg_images", "clip_images")}
+    assert rows.num_rows == 3 * 16 and all(kinds.values()), kinds
+    assert isinstance(rows[0]["seg_images"], str) and unpack_paths(rows[0]["seg_images"]) == []
 
 
 def test_action_labels_are_masked(dataset):
@@ -122,7 +133,7 @@ def test_crop_paths_and_released_clip_column(tiny, tmp_path):
     rows = list(load_dataset_module(**args)["train_dataset"])
     assert len(rows) == len(records)
     crops = [image for row in rows for image in row["images"][1:]]
-    clips = [image for row in rows for image in row["clip_images"] or []]
+    clips = [image for row in rows for image in unpack_paths(row["clip_images"])]
     assert crops and all(image.startswith(str(tiny["data"])) for image in crops)  # resolved against media_dir
     assert all(Path(image.rsplit("_", 1)[0]).is_file() for image in crops)  # the suffix is kept
     assert clips and all(Path(image).is_file() for image in clips)
@@ -143,7 +154,7 @@ def test_collator_batches_every_kind(tiny, dataset, tmp_path):
     )
     picked = {}
     for row in dataset:
-        kind = next((key for key in ("detection_images", "seg_images", "clip_images") if row[key]), "plain")
+        kind = next((key for key in ("detection_images", "seg_images", "clip_images") if unpack_paths(row[key])), "plain")
         picked.setdefault(kind, row)
     batch = collator([dict(row) for row in picked.values()])
 
