@@ -195,7 +195,7 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         delta = delta.repeat_interleave(batch_size // delta.shape[0], dim=0)
         return torch.arange(seq_length, device=input_ids.device).view(1, 1, -1).expand(3, batch_size, -1) + delta
 
-    def _collect_extra_images(self, input_ids: torch.LongTensor, extra: dict, uniform: bool) -> list[_ExtraImages]:
+    def _collect_extra_images(self, input_ids: torch.LongTensor, extra: dict, uniform=False) -> list[_ExtraImages]:
         """Encode each branch's extra images and pair them with samples by their pad-token runs.
 
         Uniform mode: a built branch without images encodes one blank image instead (a dummy entry, no pads).
