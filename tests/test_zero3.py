@@ -55,17 +55,21 @@ def loss_and_grads(model, inputs, uniform: bool):
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("num_inner_forward_run", [2, 1])
-def test_every_batch_calls_the_same_modules_in_the_same_order(num_inner_forward_run):
+@pytest.mark.parametrize("num_inner_forward_run, gradient_checkpointing", [(2, False), (2, True), (1, False)])
+def test_every_batch_calls_the_same_modules_in_the_same_order(num_inner_forward_run, gradient_checkpointing):
     model = make_model(num_inner_forward_run=num_inner_forward_run).train()
     model.detection_model.requires_grad_(False)  # as the recipes train: frozen DINOv2 and SAM
     model.seg_model.requires_grad_(False)
+    if gradient_checkpointing:  # the decoder layers then run again in backward: equally on every batch
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.uniform_module_calls = True
     calls = {name: record_calls(model, batch(kinds)) for name, kinds in BATCHES.items()}
     (forward, backward), *others = calls.values()
     for name, (other_forward, other_backward) in zip(list(calls)[1:], others):
         assert other_forward == forward, name
         assert other_backward == backward, name
+    if gradient_checkpointing:
+        return
 
     passes = num_inner_forward_run
     assert forward.count("model.visual") == 2  # the images, then the clip branch's images
