@@ -6,6 +6,9 @@ path), which leaves trainable parameters without a gradient on that rank. Each t
 gets a (zero) gradient on every rank, and the loss value is unchanged. The dummy features come from the branch's
 own encoder on one blank image, preprocessed by the VPT processor; they are computed once and reused while the
 encoder is frozen, and recomputed each step when it trains.
+
+Under DeepSpeed ZeRO-3 or FSDP the model's own uniform mode (`uniform_module_calls`) is on: its forward already
+runs every branch once with a zero contribution, so this term is not added (it would call the modules again).
 """
 
 from typing import Any
@@ -62,6 +65,9 @@ class VPTSeq2SeqTrainer(CustomSeq2SeqTrainer):
             vpt_model = vpt_model.get_base_model()
 
         if not model.training or not isinstance(vpt_model, VPT_Qwen2VLForConditionalGeneration):
+            return result
+
+        if vpt_model.uses_uniform_module_calls:  # the forward gave every trainable VPT parameter a gradient
             return result
 
         if return_outputs:

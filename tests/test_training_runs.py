@@ -46,7 +46,8 @@ def run(workdir: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
         "TOKENIZERS_PARALLELISM": "false",
         **env,
     }
-    result = subprocess.run(args, cwd=workdir, env=environment, capture_output=True, text=True)
+    # bounded: a distributed hang fails the test instead of blocking the suite
+    result = subprocess.run(args, cwd=workdir, env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
 
@@ -92,6 +93,45 @@ def test_ddp_two_processes_without_find_unused_parameters(workdir):
     assert "world size: 2" in result.stdout + result.stderr
     values = losses(workdir / "outputs/tiny/runs/ddp")
     assert len(values) == 4 and all(math.isfinite(value) for value in values)
+
+
+# A torchrun rank script: DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce kernel at start-up
+# (two minutes on two cores, once per machine) that only its inference all-reduce uses; training collectives go
+# through gloo either way. The rank then runs `vpt-cli`'s rank script (what `llamafactory-cli` ranks run, patched).
+ZERO3_RANK = f"""
+import runpy
+import deepspeed.comm.torch
+
+deepspeed.comm.torch.build_shm_op = lambda: None
+runpy.run_path({str(ROOT / "llamafactory_patches" / "launch.py")!r}, run_name="__main__")
+"""
+
+
+def test_deepspeed_zero3_two_processes_whose_micro_batches_differ(workdir):
+    data = workdir / "outputs/tiny/data"
+    records = json.loads((data / "synthetic_vpt_dino_train.json").read_text())
+    reencoding = next(record for record in records if record["detection_images"])  # two passes, DINOv2
+    plain = next(record for record in records if len(record["messages"]) == 2)  # one image, no action
+    # Two records, two ranks, one sample each: at every step one rank re-encodes and the other does not.
+    (data / "zero3_pair.json").write_text(json.dumps([reencoding, plain]))
+    info = json.loads((data / "dataset_info.json").read_text())
+    info["zero3_pair"] = {**info["synthetic_vpt_dino_train"], "file_name": "zero3_pair.json"}
+    (data / "dataset_info.json").write_text(json.dumps(info))
+    (workdir / "zero3_rank.py").write_text(ZERO3_RANK)
+
+    overrides = ("output_dir=outputs/tiny/runs/zero3", "dataset=zero3_pair", "per_device_train_batch_size=1",
+                 "max_steps=2", "save_steps=100", f"deepspeed={ROOT / 'configs/deepspeed/ds_z3_config.json'}")
+    run(workdir, str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "zero3_rank.py",
+        str(RECIPES / "instruction.yaml"), *overrides, DS_ACCELERATOR="cpu")
+    output_dir = workdir / "outputs/tiny/runs/zero3"
+    values = losses(output_dir)
+    assert len(values) == 2 and all(math.isfinite(value) for value in values)
+    assert json.loads((output_dir / "config.json").read_text())["num_inner_forward_run"] == 2
+    before = load_file(workdir / "outputs/tiny/vpt-init/model.safetensors")
+    after = load_file(output_dir / "model.safetensors")  # gathered from the ZeRO-3 partitions
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert any(key.startswith("detection_projector.") for key in changed)
+    assert not any(key.startswith(("detection_model.", "seg_model.")) for key in changed)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,12 @@ from .vocabulary import BRANCH_TOKENS, BranchTokens
 
 
 class ConditionedProjector(nn.Module, abc.ABC):
-    """Maps encoder features to LLM embeddings; the condition path is shared by every branch."""
+    """Maps encoder features to LLM embeddings; the condition path is shared by every branch.
+
+    The released initialisation (`reset_parameters`) is applied by the model's `_init_weights`, not in `__init__`:
+    under DeepSpeed ZeRO-3 construction (`zero.Init`) each layer is partitioned as soon as it is built, and the
+    projector could not re-initialise it there.
+    """
 
     def __init__(self, hidden_size: int, projector_scale: int):
         super().__init__()
@@ -46,10 +51,14 @@ class ConditionedProjector(nn.Module, abc.ABC):
         embeds = self.embed_features(features)
         if control_states is None:
             return embeds
-        condition = self.linear_condition(self.layernorm_condition(control_states.to(embeds.dtype)))
+        condition = self.condition(control_states.to(embeds.dtype))
         condition = condition.repeat_interleave(tokens_per_image.to(condition.device), dim=0)
         # A raw dot product, no softmax or scaling: the released checkpoints were trained with exactly this.
         return embeds + (embeds * condition).sum(-1, keepdim=True) * condition
+
+    def condition(self, control_states: torch.Tensor) -> torch.Tensor:
+        """(num_images, s * H) control states -> (num_images, H) conditions."""
+        return self.linear_condition(self.layernorm_condition(control_states))
 
     def reset_parameters(self) -> None:
         for module in self.modules():
@@ -68,7 +77,6 @@ class DinoProjector(ConditionedProjector):
         super().__init__(hidden_size, projector_scale)
         self.layernorm_feature = nn.LayerNorm(in_dim)
         self.linear_feature = nn.Linear(in_dim, hidden_size)
-        self.reset_parameters()
 
     def embed_features(self, features: torch.Tensor) -> torch.Tensor:  # (N, T, in_dim)
         return self.linear_feature(self.layernorm_feature(features)).flatten(0, 1)
@@ -81,7 +89,6 @@ class SamProjector(ConditionedProjector):
         super().__init__(hidden_size, projector_scale)
         self.layernorm_feature = nn.LayerNorm(in_channels)
         self.conv_feature = nn.Conv2d(in_channels, hidden_size, kernel_size=stride, stride=stride)
-        self.reset_parameters()
 
     def embed_features(self, features: torch.Tensor) -> torch.Tensor:
         normed = self.layernorm_feature(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -97,7 +104,6 @@ class ClipProjector(ConditionedProjector):
 
     def __init__(self, hidden_size: int, projector_scale: int):
         super().__init__(hidden_size, projector_scale)
-        self.reset_parameters()
 
     def embed_features(self, features: torch.Tensor) -> torch.Tensor:
         return features
@@ -125,6 +131,10 @@ class VisionBranch(abc.ABC):
     def encode(self, model, inputs: dict) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Run the encoder on this branch's inputs: (raw features, tokens per image), or (None, None) if absent."""
 
+    @abc.abstractmethod
+    def dummy_inputs(self, config, device) -> dict[str, torch.Tensor]:
+        """The smallest input `encode` takes: one blank image, encoded when a batch has none (uniform mode)."""
+
     def num_images(self, inputs: dict) -> int:
         images = inputs.get(self.tokens.images_key)
         return 0 if images is None else images.shape[0]
@@ -150,6 +160,10 @@ class DinoBranch(VisionBranch):
         features = encoder(pixel_values=images.to(encoder.dtype)).last_hidden_state[:, 1:]  # drop CLS
         return features, torch.full((features.shape[0],), features.shape[1], dtype=torch.long)
 
+    def dummy_inputs(self, config, device):
+        vision = config.detection_config  # one patch: DINOv2 interpolates its position embeddings
+        size = vision.patch_size
+        return {"detection_images": torch.zeros(1, vision.num_channels, size, size, device=device)}
 
 
 class SamBranch(VisionBranch):
@@ -177,6 +191,10 @@ class SamBranch(VisionBranch):
         per_image = (features.shape[2] // stride) * (features.shape[3] // stride)
         return features, torch.full((features.shape[0],), per_image, dtype=torch.long)
 
+    def dummy_inputs(self, config, device):
+        vision = config.seg_config  # SAM only takes its full input size
+        size = vision.image_size
+        return {"seg_images": torch.zeros(1, vision.num_channels, size, size, device=device)}
 
 
 class ClipBranch(VisionBranch):
@@ -195,6 +213,10 @@ class ClipBranch(VisionBranch):
         features = getattr(features, "pooler_output", features)  # a tensor on 4.57, an output object later
         return features, (grid_thw.prod(-1) // visual.spatial_merge_size**2).cpu()
 
+    def dummy_inputs(self, config, device):
+        pixel_values, grid_thw = vision_tower_dummy_inputs(config.vision_config, device)
+        return {"clip_pixel_values": pixel_values, "clip_images_grid_thw": grid_thw}
+
     def num_images(self, inputs):
         grid = inputs.get("clip_images_grid_thw")
         if grid is None and inputs.get("clip_pixel_values") is not None:
@@ -202,6 +224,22 @@ class ClipBranch(VisionBranch):
         return 0 if grid is None else grid.shape[0]
 
 
+def vision_tower_dummy_inputs(vision_config, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel_values, grid_thw) of one blank image of the smallest grid the Qwen2-VL vision tower takes: one token."""
+    merge = vision_config.spatial_merge_size
+    patch_dim = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size**2
+    grid_thw = torch.tensor([[1, merge, merge]], device=device)
+    return torch.zeros(merge * merge, patch_dim, device=device), grid_thw
+
+
 BRANCHES: dict[str, VisionBranch] = {branch.kind: branch for branch in (DinoBranch(), SamBranch(), ClipBranch())}
 
-__all__ = ["BRANCHES", "VisionBranch", "ConditionedProjector", "DinoProjector", "SamProjector", "ClipProjector"]
+__all__ = [
+    "BRANCHES",
+    "VisionBranch",
+    "ConditionedProjector",
+    "DinoProjector",
+    "SamProjector",
+    "ClipProjector",
+    "vision_tower_dummy_inputs",
+]

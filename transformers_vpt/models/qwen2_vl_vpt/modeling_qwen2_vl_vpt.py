@@ -6,10 +6,15 @@ same sequence with (a) the extra-image features projected under the control stat
 their pad tokens and (b) every `<|*_action|>` input embedding replaced by its control state. Logits and loss come
 from pass 2. Region Selection Tokens need no model support: they are ordinary tokens, and their crops arrive as
 ordinary images in the next round.
+
+Which modules run depends on the batch (pass 1 only with action tokens, an encoder only with its images). Under
+DeepSpeed ZeRO-3 or FSDP every module call gathers its parameters collectively, so all ranks must call the same
+modules in the same order: `uniform_module_calls` makes every forward do so (see its docstring).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,11 +22,12 @@ import torch
 from torch import nn
 from transformers import LogitsProcessorList, Qwen2VLForConditionalGeneration, SuppressTokensLogitsProcessor
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLCausalLMOutputWithPast
 from transformers.utils import logging
 
 from ...generation import VPTActionLogitsProcessor, vpt_suppressed_tokens
-from ...perception import BRANCHES, ConditionedProjector, VisionBranch
+from ...perception import BRANCHES, ConditionedProjector, VisionBranch, vision_tower_dummy_inputs
 from .configuration_qwen2_vl_vpt import VPT_Qwen2VLConfig, VRT_Qwen2VLConfig
 
 logger = logging.get_logger(__name__)
@@ -61,12 +67,55 @@ class _ExtraImages:
     tokens_per_image: torch.Tensor  # (num_images,)
     image_rows: list[int]  # sample index of each image
     pad_mask: torch.Tensor  # (batch, seq) positions of the branch's pad tokens
+    dummy: bool = False  # a blank image encoded only to keep module calls uniform; it has no pad tokens
+
+
+class _ZeroContribution:
+    """Outputs computed only so that every rank calls the same modules; they join the result multiplied by 0.
+
+    Adding `0 * sum(outputs)` leaves every value and every gradient unchanged, but puts the modules that made these
+    outputs in the autograd graph: their parameters get a zero gradient, and their backward runs on every rank.
+    """
+
+    def __init__(self) -> None:
+        self.terms: list[torch.Tensor] = []
+
+    def add(self, output: torch.Tensor) -> None:
+        self.terms.append(output.float().sum())
+
+    def attach(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.terms:
+            return hidden_states
+        return hidden_states + 0.0 * torch.stack(self.terms).sum().to(hidden_states.dtype)
+
+
+def _fsdp_enabled() -> bool:
+    """Whether this process trains under FSDP (`TrainingArguments(fsdp=...)` and accelerate set this variable)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes", "on")
 
 
 class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
     config_class = VPT_Qwen2VLConfig
     _keys_to_ignore_on_load_unexpected = list(UNUSED_RELEASED_KEYS)
     _no_split_modules = Qwen2VLForConditionalGeneration._no_split_modules + ["Dinov2Layer", "SamVisionLayer"]
+
+    uniform_module_calls: Optional[bool] = None
+    """Uniform module calls: every forward over a new sequence (no cache yet: training, evaluation, a generation
+    prefill) calls the same modules, the same number of times, in the same order, whatever the batch holds:
+
+    * the vision tower once for `pixel_values` (a blank image if there are none);
+    * every built branch's encoder once (on its images, else on one blank image: `VisionBranch.dummy_inputs`), and
+      its projector once per decoder pass (unconditioned, then conditioned; in single-pass mode its condition
+      layers once more on a zero control state);
+    * in two-pass mode the decoder twice: pass 1 (over the first column only when there is no action token), then
+      pass 2.
+
+    What a batch does not need joins the output multiplied by 0 (`_ZeroContribution`): logits, loss and gradients
+    are unchanged, and every trainable VPT parameter gets a (zero) gradient. DeepSpeed ZeRO-3 and FSDP need this,
+    as every module call gathers its parameters collectively. `None` (default): on when either is enabled
+    (`is_deepspeed_zero3_enabled()`, `ACCELERATE_USE_FSDP`); `True` / `False` force it. Videos are not covered:
+    under ZeRO-3 or FSDP, do not mix batches with and without videos.
+    """
 
     def __init__(self, config: VPT_Qwen2VLConfig):
         super().__init__(config)
@@ -103,9 +152,20 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
     def _branch_token_ids(self, branch: VisionBranch, field: str) -> Optional[int]:
         return getattr(self.config, getattr(branch.tokens, field))
 
-    def _embed_inputs(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
+    @property
+    def uses_uniform_module_calls(self) -> bool:
+        """Whether forwards over new sequences call every module uniformly (see `uniform_module_calls`)."""
+        if self.uniform_module_calls is not None:
+            return self.uniform_module_calls
+        return is_deepspeed_zero3_enabled() or _fsdp_enabled()
+
+    def _embed_inputs(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                      zero: Optional[_ZeroContribution] = None):
         """Token embeddings with the original images and videos scattered in, as stock Qwen2-VL does."""
         embeds = self.model.get_input_embeddings()(input_ids)
+        if pixel_values is None and zero is not None:  # uniform mode: the vision tower runs on a blank image
+            dummy_pixels, dummy_grid = vision_tower_dummy_inputs(self.config.vision_config, input_ids.device)
+            zero.add(torch.cat(self.model.get_image_features(dummy_pixels, dummy_grid), dim=0))
         if pixel_values is not None:
             image_embeds = torch.cat(self.model.get_image_features(pixel_values, image_grid_thw), dim=0)
             image_embeds = image_embeds.to(embeds.device, embeds.dtype)
@@ -135,8 +195,11 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         delta = delta.repeat_interleave(batch_size // delta.shape[0], dim=0)
         return torch.arange(seq_length, device=input_ids.device).view(1, 1, -1).expand(3, batch_size, -1) + delta
 
-    def _collect_extra_images(self, input_ids: torch.LongTensor, extra: dict) -> list[_ExtraImages]:
-        """Encode each branch's extra images and pair them with samples by their pad-token runs."""
+    def _collect_extra_images(self, input_ids: torch.LongTensor, extra: dict, uniform=False) -> list[_ExtraImages]:
+        """Encode each branch's extra images and pair them with samples by their pad-token runs.
+
+        Uniform mode: a built branch without images encodes one blank image instead (a dummy entry, no pads).
+        """
         collected = []
         built = {branch.kind for branch in self.vpt_branches}
         for kind, branch in BRANCHES.items():
@@ -154,6 +217,9 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
                     if count:
                         missing = f"the '{kind}' branch is not built" if kind not in built else f"no {key} were given"
                         raise ValueError(f"Sample {row} has {count} {branch.tokens.image_pad} tokens but {missing}")
+                if uniform and kind in built:
+                    features, tokens_per_image = branch.encode(self, branch.dummy_inputs(self.config, input_ids.device))
+                    collected.append(_ExtraImages(branch, features, tokens_per_image, [], pad_mask, dummy=True))
                 continue
             if pad_id is None:
                 raise ValueError(f"{key} were given but config.{branch.tokens.image_token_id_field} is not set")
@@ -182,6 +248,8 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
     ) -> torch.Tensor:
         """(num_images, scale * H): the control states of each image's action tokens, paired within its sample."""
         scale = self.config.projector_scale
+        if images.dummy:
+            return states.new_zeros(len(images.tokens_per_image), scale * states.shape[-1])
         action_id = self._branch_token_ids(images.branch, "action_id_field")
         per_image = []
         for row in sorted(set(images.image_rows)):
@@ -197,9 +265,12 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         # image_rows is non-decreasing (images are assigned in sample order), so concatenation keeps image order
         return torch.cat(per_image, dim=0)
 
-    def _scatter(self, embeds: torch.Tensor, images: _ExtraImages, control_states=None) -> torch.Tensor:
+    def _scatter(self, embeds: torch.Tensor, images: _ExtraImages, control_states=None, zero=None) -> torch.Tensor:
         projector = getattr(self, images.branch.projector_attr)
         projected = projector(images.features, images.tokens_per_image, control_states).to(embeds.dtype)
+        if images.dummy:
+            zero.add(projected)
+            return embeds
         mask = images.pad_mask.unsqueeze(-1).expand_as(embeds)
         return embeds.masked_scatter(mask, projected)
 
@@ -230,16 +301,24 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         )
 
     def _pass_one(self, embeds, attention_mask, position_ids, past_key_values, cache_position, action_mask,
-                  prev_hidden_state, **kwargs) -> tuple[torch.Tensor, Optional[_PassOne]]:
+                  prev_hidden_state, zero=None, **kwargs) -> tuple[torch.Tensor, Optional[_PassOne]]:
         """Pass 1: `control[:, t]` is the control state of an action token at t (the final hidden state at t-1).
 
         Causality makes everything after the last action token irrelevant to pass 1, so it stops there. Its keys and
-        values are kept so that pass 2 can reuse the prefix that does not change.
+        values are kept so that pass 2 can reuse the prefix that does not change. In uniform mode (`zero` given, no
+        cache yet) a batch without such a column still runs pass 1, over its first column, with weight 0.
         """
-        end = int(action_mask.any(0).nonzero().max())  # last action column: pass 1 needs columns [0, end)
+        # last action column: pass 1 needs columns [0, end)
+        end = int(action_mask.any(0).nonzero().max()) if action_mask.any() else 0
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         control = torch.zeros_like(embeds)
         prefix = None
+        if end == 0 and zero is not None:  # uniform mode: pass 1 still runs, over the first column only
+            dummy = self._decode(
+                embeds[:, :1], _slice_mask(attention_mask, 0, 1, 1), position_ids[..., :1], None, cache_position[:1],
+                use_cache=False, **kwargs,
+            )
+            zero.add(dummy.last_hidden_state)
         if end > 0:
             # Gradient checkpointing recomputes layers and cannot keep a cache: pass 2 then recomputes the prefix.
             keep_cache = not (self.training and self.model.language_model.gradient_checkpointing)
@@ -379,37 +458,45 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, **kwargs,
         )
 
-        embeds = self._embed_inputs(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        extra_images = self._collect_extra_images(input_ids, extra)
+        # Uniform mode: what this batch does not need still runs, and joins the output multiplied by 0.
+        zero = _ZeroContribution() if past_length == 0 and self.uses_uniform_module_calls else None
+        embeds = self._embed_inputs(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, zero)
+        extra_images = self._collect_extra_images(input_ids, extra, uniform=zero is not None)
+        real_images = [images for images in extra_images if not images.dummy]
         unconditioned = embeds
         for images in extra_images:
-            unconditioned = self._scatter(unconditioned, images)
+            unconditioned = self._scatter(unconditioned, images, zero=zero)
 
         action_mask = self._action_mask(input_ids)
+        two_pass = self.config.num_inner_forward_run == 2
+        if two_pass and real_images and not action_mask.any():
+            rows = sorted(set(real_images[0].image_rows))
+            raise ValueError(
+                f"Sample {rows[0]} has {real_images[0].branch.tokens.images_key} but no action token to "
+                "condition them (two-pass mode needs one control token per image)"
+            )
         prefix, start = None, 0  # pass 2 recomputes columns [start, L) on top of pass 1's cache
-        if self.config.num_inner_forward_run == 1 or not action_mask.any():
-            if self.config.num_inner_forward_run == 2 and extra_images:
-                rows = sorted(set(extra_images[0].image_rows))
-                raise ValueError(
-                    f"Sample {rows[0]} has {extra_images[0].branch.tokens.images_key} but no action token to "
-                    "condition them (two-pass mode needs one control token per image)"
-                )
+        if not two_pass or not (action_mask.any() or zero is not None):
+            if zero is not None:  # single-pass mode never conditions; the condition layers still run, times 0
+                zero_state = embeds.new_zeros(1, self.config.projector_scale * embeds.shape[-1])
+                for images in extra_images:
+                    zero.add(getattr(self, images.branch.projector_attr).condition(zero_state))
             final_embeds = unconditioned
         else:
             control, prefix = self._pass_one(
                 unconditioned, attention_mask, position_ids, past_key_values, cache_position, action_mask,
-                prev_hidden_state, **kwargs,
+                prev_hidden_state, zero, **kwargs,
             )
             changed = action_mask.clone()
             final_embeds = embeds
             for images in extra_images:
                 final_embeds = self._scatter(
-                    final_embeds, images, self._control_states_per_image(images, input_ids, control)
+                    final_embeds, images, self._control_states_per_image(images, input_ids, control), zero
                 )
                 changed |= images.pad_mask
-            if self.training and self.config.para_mask_id and self.config.para_mask_ratio > 0 and extra_images:
+            if self.training and self.config.para_mask_id and self.config.para_mask_ratio > 0 and real_images:
                 reencoded_rows = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-                for images in extra_images:
+                for images in real_images:
                     reencoded_rows[images.image_rows] = True
                 blank = self._paragraph_mask(input_ids, reencoded_rows & action_mask.any(1))
                 final_embeds = final_embeds.masked_fill(blank.unsqueeze(-1), 0.0)
@@ -436,6 +523,8 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         else:
             outputs = self._decode(final_embeds, past_key_values=past_key_values, use_cache=use_cache, **decoder_kwargs)
             hidden_states, past_out = outputs.last_hidden_state, outputs.past_key_values
+        if zero is not None:
+            hidden_states = zero.attach(hidden_states)
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
