@@ -64,6 +64,7 @@ ALIGNMENT_PROMPTS = ("Describe the image.", "What shapes are in the image?", "Li
 CROP_MARGIN = 1  # cells added on each side of the target's cell box, as the two-round evaluation does
 OBJECT_GAP = 2  # minimum free pixels between two objects
 KINDS = ("region", "reencode", "plain")
+QUESTIONS = ("color", "shape")  # ask for the target's colour (named by its shape), or its shape (named by its colour)
 ROLES = ("user", "assistant")
 
 
@@ -80,6 +81,7 @@ class Options:
     region_ratio: float = 0.4
     reencode_ratio: float = 0.4
     plain_ratio: float = 0.2
+    questions: str = "color,shape"
 
     def __post_init__(self):
         if min(self.train_size, self.test_size, self.alignment_size) < 0:
@@ -92,6 +94,9 @@ class Options:
             raise ValueError(
                 f"object_size must be in (0, {self.grid / 2:g}] cells (grid / 2) and give objects of at least 6 pixels"
             )
+        kinds = self.questions.split(",")
+        if not kinds or not set(kinds) <= set(QUESTIONS):
+            raise ValueError(f"questions must be a comma-separated subset of {','.join(QUESTIONS)}, got {self.questions!r}")
         ratios = (self.region_ratio, self.reencode_ratio, self.plain_ratio)
         if min(ratios) < 0 or sum(ratios) <= 0:
             raise ValueError("record-kind ratios must be >= 0 with a positive sum")
@@ -166,7 +171,8 @@ def make_scene(options: Options, split: str, index: int) -> Scene:
     for _ in specs:
         boxes.append(_place(rng, boxes, options))
     target, *distractors = (Item(s, c, b) for (s, c), b in zip(specs, boxes))
-    if rng.random() < 0.5:
+    asked = options.questions.split(",")
+    if rng.choice(asked) == "color":  # one draw either way, so other scenes do not change with --questions
         question, answer = f"What color is the {shape}?", color
     else:
         question, answer = f"What shape is the {color} object?", shape
@@ -345,6 +351,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "region_ratio": "share of region-selection records in the vpt mixtures",
         "reencode_ratio": "share of re-encoding records in the vpt mixtures",
         "plain_ratio": "share of plain question-answer records in the vpt mixtures",
+        "questions": "question kinds, comma-separated: color (named by shape), shape (named by colour)",
     }
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],

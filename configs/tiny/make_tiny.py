@@ -83,8 +83,9 @@ def build_sources(out_dir: str | Path, safe_serialization: bool = True) -> dict[
     return dirs
 
 
-def make_tiny(out_dir: str | Path, safe_serialization: bool = True) -> dict[str, Path]:
-    """Sources, the VPT checkpoint and the dataset (see the module docstring); returns their directories."""
+def make_tiny(out_dir: str | Path, safe_serialization: bool = True, data: bool = True) -> dict[str, Path]:
+    """Sources, the VPT checkpoint and (with ``data``) the dataset (see the module docstring); returns their
+    directories."""
     out = Path(out_dir)
     sources = build_sources(out / "sources", safe_serialization)
     _load_script("prepare_weights").prepare_weights(
@@ -95,6 +96,9 @@ def make_tiny(out_dir: str | Path, safe_serialization: bool = True) -> dict[str,
         sam=sources["sam"],
         seg_projector_stride=1,
     )
+    if not data:
+        return {**sources, "model": out / "vpt-init"}
+
     _load_script("make_synthetic_data").generate(out / "data", **DATA_OPTIONS)
     return {**sources, "model": out / "vpt-init", "data": out / "data"}
 
@@ -103,8 +107,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", default="outputs/tiny")
     parser.add_argument("--bin", action="store_true", help="save the source models as pytorch_model.bin")
+    parser.add_argument(
+        "--data",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also write the tiny synthetic dataset into OUT_DIR/data (--no-data: the models only)",
+    )
     args = parser.parse_args(argv)
-    for name, path in make_tiny(args.out_dir, safe_serialization=not args.bin).items():
+    for name, path in make_tiny(args.out_dir, safe_serialization=not args.bin, data=args.data).items():
         print(f"{name}: {path}")
 
 
