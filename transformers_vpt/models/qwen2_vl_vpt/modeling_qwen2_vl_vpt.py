@@ -229,6 +229,20 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             **kwargs,
         )
 
+    def _partial_mask(self, attention_mask, query_start: int, query_end: int, key_end: int, cache_position,
+                      batch_size: int):
+        """The attention mask of a decoder pass over input columns [query_start, query_end) with keys [0, key_end)."""
+        mask = _slice_mask(attention_mask, query_start, query_end, key_end)
+        decoder = self.model.language_model
+        if (
+            query_end - query_start in (1, key_end)  # transformers' own path: no mask or `is_causal`
+            or decoder.config._attn_implementation != "sdpa"
+            or decoder.has_sliding_layers
+            or (mask is not None and (mask.dim() != 2 or mask.shape[1] != key_end))
+        ):
+            return mask
+        return _causal_mask_mapping(mask, cache_position[query_start:query_end], key_end, batch_size)
+
     def _pass_one(self, embeds, attention_mask, position_ids, past_key_values, cache_position, action_mask,
                   prev_hidden_state, **kwargs) -> tuple[torch.Tensor, Optional[_PassOne]]:
         """Pass 1: `control[:, t]` is the control state of an action token at t (the final hidden state at t-1).
@@ -250,7 +264,7 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
                 cache = _fork_cache(past_key_values)
             pass1 = self._decode(
                 embeds[:, :end],
-                _slice_mask(attention_mask, 0, end, past_length + end),
+                self._partial_mask(attention_mask, 0, end, past_length + end, cache_position, embeds.shape[0]),
                 position_ids[..., :end],
                 cache,
                 cache_position[:end],
@@ -424,7 +438,10 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             cache.crop(past_length + start)
             outputs = self._decode(
                 final_embeds[:, start:],
-                _slice_mask(attention_mask, start, input_ids.shape[1], past_length + input_ids.shape[1]),
+                self._partial_mask(
+                    attention_mask, start, input_ids.shape[1], past_length + input_ids.shape[1], cache_position,
+                    input_ids.shape[0],
+                ),
                 position_ids[..., start:],
                 cache,
                 cache_position[start:],
@@ -458,6 +475,18 @@ def _slice_mask(mask: Optional[torch.Tensor], query_start: int, query_end: int, 
     if mask.dim() == 2:
         return mask[:, :key_end]
     return mask[..., query_start:query_end, :key_end]
+
+
+def _causal_mask_mapping(mask: Optional[torch.Tensor], queries: torch.Tensor, key_end: int, batch_size: int):
+    """SDPA's boolean 4-D mask for queries at cache positions `queries` over keys [0, key_end), built by broadcasting.
+
+    It is the mask transformers builds (key <= query, padding keys masked) when queries and keys differ in length and
+    SDPA's `is_causal` cannot stand in, as in pass 2 after the reused prefix; transformers builds it with `vmap`, whose
+    fixed cost (milliseconds on CPU) is paid on every call. `mask` is the 2-D mask sliced to the keys, or None.
+    """
+    causal = torch.arange(key_end, device=queries.device) <= queries[:, None]
+    causal = causal.expand(batch_size, 1, -1, -1) if mask is None else causal & mask[:, None, None, :].bool()
+    return {"full_attention": causal}
 
 
 def _fork_cache(cache: Cache) -> DynamicCache:
