@@ -15,18 +15,23 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import LogitsProcessorList, Qwen2VLForConditionalGeneration, SuppressTokensLogitsProcessor
+from transformers import LogitsProcessorList, Qwen2VLForConditionalGeneration
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLCausalLMOutputWithPast
 from transformers.utils import logging
 
-from ...generation import VPTActionLogitsProcessor, vpt_suppressed_tokens
+from ...generation import VPTActionLogitsProcessor, VPTSuppressTokensLogitsProcessor, vpt_suppressed_tokens
 from ...perception import BRANCHES, ConditionedProjector, VisionBranch
 from .configuration_qwen2_vl_vpt import VPT_Qwen2VLConfig, VRT_Qwen2VLConfig
 
 logger = logging.get_logger(__name__)
 
 EXTRA_IMAGE_INPUTS = ("detection_images", "seg_images", "clip_pixel_values", "clip_images_grid_thw")
+
+# Config fields of every branch's pad and action token ids.
+_PAD_AND_ACTION_FIELDS = tuple(
+    getattr(branch.tokens, field) for branch in BRANCHES.values() for field in ("image_token_id_field", "action_id_field")
+)
 
 # Layers the released projectors built but never used in their forward. We do not build them; their checkpoint
 # tensors are dropped on load (and logged) instead of being reported as unexpected.
@@ -71,6 +76,7 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
     def __init__(self, config: VPT_Qwen2VLConfig):
         super().__init__(config)
         self.vpt_branches = [BRANCHES[kind] for kind in config.vision_encoder_ls]
+        self._vpt_token_tensor = None  # ((token ids, device), tensor) for `_has_vpt_tokens`
         for branch in self.vpt_branches:
             for name, module in branch.build(config).items():
                 self.add_module(name, module)
@@ -162,20 +168,35 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             collected.append(_ExtraImages(branch, features, tokens_per_image, image_rows, pad_mask))
         return collected
 
+    def _has_vpt_tokens(self, input_ids: torch.LongTensor) -> bool:
+        """Whether `input_ids` hold a pad or action token of any branch, built or not."""
+        # Read from the config's instance dict: PretrainedConfig's __getattribute__ costs microseconds per field, and
+        # this runs on every decode step. The id fields are always set in the config's __init__.
+        fields = object.__getattribute__(self.config, "__dict__")
+        ids = tuple(token for name in _PAD_AND_ACTION_FIELDS if (token := fields.get(name)) is not None)
+        if not ids:
+            return False
+        key = (ids, input_ids.device)
+        if self._vpt_token_tensor is None or self._vpt_token_tensor[0] != key:  # built once, not on every step
+            self._vpt_token_tensor = (key, torch.tensor(ids, device=input_ids.device))
+        return bool(torch.isin(input_ids, self._vpt_token_tensor[1]).any())
+
     def _action_mask(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Positions of every `<|*_action|>` token of a built branch; an unbuilt branch's action is an error."""
-        mask = torch.zeros_like(input_ids, dtype=torch.bool)
         built = {branch.kind for branch in self.vpt_branches}
-        for kind, branch in BRANCHES.items():
-            action_id = self._branch_token_ids(branch, "action_id_field")
-            if action_id is None:
-                continue
-            hits = input_ids == action_id
-            if kind not in built and hits.any():
+        ids = {kind: self._branch_token_ids(branch, "action_id_field") for kind, branch in BRANCHES.items()}
+        built_ids = [action for kind, action in ids.items() if action is not None and kind in built]
+        other_ids = {action: kind for kind, action in ids.items() if action is not None and kind not in built}
+        if other_ids:
+            hits = torch.isin(input_ids, torch.tensor(list(other_ids), device=input_ids.device))
+            if hits.any():
                 row = int(hits.any(1).nonzero()[0])
-                raise ValueError(f"Sample {row} has a {branch.tokens.action} token but the '{kind}' branch is not built")
-            mask |= hits
-        return mask
+                kind = other_ids[int(input_ids[row][hits[row]][0])]
+                action = BRANCHES[kind].tokens.action
+                raise ValueError(f"Sample {row} has a {action} token but the '{kind}' branch is not built")
+        if not built_ids:
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        return torch.isin(input_ids, torch.tensor(built_ids, device=input_ids.device))
 
     def _control_states_per_image(
         self, images: _ExtraImages, input_ids: torch.LongTensor, states: torch.Tensor
@@ -309,7 +330,7 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
                 pads.append(pad)
         suppressed = vpt_suppressed_tokens(action_after_start, pads)
         if suppressed:  # first: top-k / top-p then never keep only forbidden tokens
-            processors.insert(0, SuppressTokensLogitsProcessor(suppressed, device=self.device))
+            processors.insert(0, VPTSuppressTokensLogitsProcessor(suppressed))
         if action_after_start:
             processors.append(VPTActionLogitsProcessor(action_after_start))  # last: its forcing wins
         return processors
@@ -394,14 +415,17 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         )
 
         embeds = self._embed_inputs(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        extra_images = self._collect_extra_images(input_ids, extra)
+        if any(value is not None for value in extra.values()) or self._has_vpt_tokens(input_ids):
+            extra_images = self._collect_extra_images(input_ids, extra)
+            action_mask = self._action_mask(input_ids)
+        else:  # most decode steps: no VPT pad or action token, so one plain pass (one scan, one host sync)
+            extra_images, action_mask = [], None
         unconditioned = embeds
         for images in extra_images:
             unconditioned = self._scatter(unconditioned, images)
 
-        action_mask = self._action_mask(input_ids)
         prefix, start = None, 0  # pass 2 recomputes columns [start, L) on top of pass 1's cache
-        if self.config.num_inner_forward_run == 1 or not action_mask.any():
+        if self.config.num_inner_forward_run == 1 or action_mask is None or not action_mask.any():
             if self.config.num_inner_forward_run == 2 and extra_images:
                 rows = sorted(set(extra_images[0].image_rows))
                 raise ValueError(
