@@ -21,7 +21,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLCausalLMOutput
 from transformers.utils import logging
 
 from ...generation import VPTActionLogitsProcessor, VPTSuppressTokensLogitsProcessor, vpt_suppressed_tokens
-from ...perception import BRANCHES, ConditionedProjector, VisionBranch
+from ...perception import BRANCHES, ENCODED_IMAGES, ConditionedProjector, VisionBranch
 from .configuration_qwen2_vl_vpt import VPT_Qwen2VLConfig, VRT_Qwen2VLConfig
 
 logger = logging.get_logger(__name__)
@@ -109,11 +109,17 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
     def _branch_token_ids(self, branch: VisionBranch, field: str) -> Optional[int]:
         return getattr(self.config, getattr(branch.tokens, field))
 
-    def _embed_inputs(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
-        """Token embeddings with the original images and videos scattered in, as stock Qwen2-VL does."""
+    def _embed_inputs(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, extra=None):
+        """Token embeddings with the original images and videos scattered in, as stock Qwen2-VL does.
+
+        With `extra` (the branches' inputs), the encoded images are recorded there for the clip branch to reuse.
+        """
         embeds = self.model.get_input_embeddings()(input_ids)
         if pixel_values is not None:
-            image_embeds = torch.cat(self.model.get_image_features(pixel_values, image_grid_thw), dim=0)
+            image_features = self.model.get_image_features(pixel_values, image_grid_thw)
+            if extra is not None and extra.get("clip_pixel_values") is not None:
+                extra[ENCODED_IMAGES] = (pixel_values, image_grid_thw, image_features)
+            image_embeds = torch.cat(image_features, dim=0)
             image_embeds = image_embeds.to(embeds.device, embeds.dtype)
             image_mask, _ = self.model.get_placeholder_mask(input_ids, embeds, image_features=image_embeds)
             embeds = embeds.masked_scatter(image_mask, image_embeds)
@@ -414,8 +420,9 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, **kwargs,
         )
 
-        embeds = self._embed_inputs(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        if any(value is not None for value in extra.values()) or self._has_vpt_tokens(input_ids):
+        has_extra = any(value is not None for value in extra.values())
+        embeds = self._embed_inputs(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, extra)
+        if has_extra or self._has_vpt_tokens(input_ids):
             extra_images = self._collect_extra_images(input_ids, extra)
             action_mask = self._action_mask(input_ids)
         else:  # most decode steps: no VPT pad or action token, so one plain pass (one scan, one host sync)
