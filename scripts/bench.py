@@ -166,6 +166,7 @@ class UpstreamDesign(VPT_Qwen2VLForConditionalGeneration):
         control[:, 1:] = pass1.last_hidden_state[:, :-1]
         second = embeds
         for images in extra_images:
+            images.embedded = None  # upstream projects the features again in pass 2
             second = self._scatter(second, images, self._control_states_per_image(images, input_ids, control))
         second = torch.where(self._action_mask(input_ids).unsqueeze(-1), control, second)
         pass2 = decode(inputs_embeds=second, past_key_values=copy.deepcopy(past_key_values))

@@ -41,9 +41,13 @@ class ConditionedProjector(nn.Module, abc.ABC):
         features: torch.Tensor,
         tokens_per_image: Optional[torch.Tensor] = None,
         control_states: Optional[torch.Tensor] = None,
+        embedded: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Project `features`; with `control_states` of shape (num_images, s * H), apply f + (f.c)c per image."""
-        embeds = self.embed_features(features)
+        """Project `features`; with `control_states` of shape (num_images, s * H), apply f + (f.c)c per image.
+
+        `embedded`: `embed_features(features)` when already computed (pass 2 reuses pass 1's).
+        """
+        embeds = self.embed_features(features) if embedded is None else embedded
         if control_states is None:
             return embeds
         condition = self.linear_condition(self.layernorm_condition(control_states.to(embeds.dtype)))

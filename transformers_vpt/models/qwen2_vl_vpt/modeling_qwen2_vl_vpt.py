@@ -66,6 +66,7 @@ class _ExtraImages:
     tokens_per_image: torch.Tensor  # (num_images,)
     image_rows: list[int]  # sample index of each image
     pad_mask: torch.Tensor  # (batch, seq) positions of the branch's pad tokens
+    embedded: Optional[torch.Tensor] = None  # the unconditioned projection, computed once for both passes
 
 
 class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
@@ -226,7 +227,10 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
 
     def _scatter(self, embeds: torch.Tensor, images: _ExtraImages, control_states=None) -> torch.Tensor:
         projector = getattr(self, images.branch.projector_attr)
-        projected = projector(images.features, images.tokens_per_image, control_states).to(embeds.dtype)
+        projected = projector(images.features, images.tokens_per_image, control_states, embedded=images.embedded)
+        if control_states is None:
+            images.embedded = projected
+        projected = projected.to(embeds.dtype)
         mask = images.pad_mask.unsqueeze(-1).expand_as(embeds)
         return embeds.masked_scatter(mask, projected)
 
