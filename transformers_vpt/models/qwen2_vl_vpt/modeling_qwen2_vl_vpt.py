@@ -315,14 +315,21 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             control[:, 0] = prev_hidden_state.to(control.dtype)
         return control, prefix
 
-    def _loss(self, hidden_states, labels, num_items_in_batch=None) -> torch.Tensor:
-        """Next-token cross-entropy computed in float32 on the labelled positions only (no full fp32 logits)."""
+    def _loss(self, hidden_states, labels, num_items_in_batch=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token cross-entropy computed in float32 on the labelled positions only (no full fp32 logits).
+
+        Returns the loss and the logits, whose labelled rows are the loss's own: the LM head runs once per position.
+        """
         targets = labels[:, 1:].to(hidden_states.device)
         keep = targets != -100
-        logits = self.lm_head(hidden_states[:, :-1][keep]).float()
-        loss = nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+        rows = self.lm_head(hidden_states[:, :-1][keep])
+        loss = nn.functional.cross_entropy(rows.float(), targets[keep], reduction="sum")
         count = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
-        return loss / count
+        labelled = nn.functional.pad(keep, (0, 1))  # positions whose logits predict a label
+        logits = rows.new_empty(*hidden_states.shape[:2], rows.shape[-1])
+        logits[labelled] = rows
+        logits[~labelled] = self.lm_head(hidden_states[~labelled])
+        return loss / count, logits
 
     # ------------------------------------------------------------------ generation
     # One decoder pass per decode step: when the new token is `<|x_action|>`, its control state is the final hidden
@@ -488,10 +495,11 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         else:
             outputs = self._decode(final_embeds, past_key_values=past_key_values, use_cache=use_cache, **decoder_kwargs)
             hidden_states, past_out = outputs.last_hidden_state, outputs.past_key_values
-        logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
-            loss = self._loss(hidden_states, labels, kwargs.get("num_items_in_batch"))
+            loss, logits = self._loss(hidden_states, labels, kwargs.get("num_items_in_batch"))
+        else:
+            logits = self.lm_head(hidden_states)
         return VPTCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
