@@ -109,3 +109,26 @@ def test_pass_one_stops_at_the_last_action_and_pass_two_reuses_the_prefix(model)
 def test_batches_without_action_tokens_run_a_single_pass(model):
     batch = collate([Sample("region", seed=1), Sample("plain", seed=2)])
     assert decoder_lengths(model, batch) == [batch["input_ids"].shape[1]]
+
+
+def test_clip_reuses_the_vision_tower_features_of_an_identical_image(model):
+    """A clip image equal to an image of the same forward (round 2 re-encodes the round-1 image) is not re-encoded."""
+    samples = [Sample("clip", seed=1), Sample("clip", seed=2, extra_images=2), Sample("dino", seed=3)]
+    samples[0].extra["clip"][0] = samples[0].images[0].clone()  # the round-1 image itself
+    samples[1].extra["clip"][1] = samples[0].images[0].clone()  # another sample's image: still the same features
+    batch = collate(samples)
+    calls = []
+    hook = model.model.visual.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["grid_thw"].shape[0]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            out = model(**batch)
+    finally:
+        hook.remove()
+    assert calls == [3, 1]  # the three original images, then only the one clip image seen nowhere else
+    with torch.no_grad():
+        ref_logits, ref_loss = reference_forward(model, **batch)
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(out.logits[keep], ref_logits[keep], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)

@@ -107,3 +107,16 @@ def test_mask_modelling_is_drawn_per_sample():
         patterns.add(tuple(pattern))
     assert {(True, False), (False, True)} & patterns, patterns  # rows of one batch are masked independently
     assert len(patterns) >= 3
+
+
+def test_reused_clip_features_give_the_reference_gradients():
+    """A clip image equal to the round-1 image reuses its features; a trainable vision tower gets both gradients."""
+    model = make_model()
+    sample = Sample("clip", seed=2)
+    sample.extra["clip"][0] = sample.images[0].clone()
+    batch = collate([sample, Sample("dino", seed=1)])
+    ours = grads(model, model(**batch).loss)
+    ref = grads(model, reference_forward(model, **batch)[1])
+    assert ours.keys() == ref.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-3, atol=1e-6, msg=name)

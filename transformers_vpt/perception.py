@@ -46,9 +46,13 @@ class ConditionedProjector(nn.Module, abc.ABC):
         features: torch.Tensor,
         tokens_per_image: Optional[torch.Tensor] = None,
         control_states: Optional[torch.Tensor] = None,
+        embedded: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Project `features`; with `control_states` of shape (num_images, s * H), apply f + (f.c)c per image."""
-        embeds = self.embed_features(features)
+        """Project `features`; with `control_states` of shape (num_images, s * H), apply f + (f.c)c per image.
+
+        `embedded`: `embed_features(features)` when already computed (pass 2 reuses pass 1's).
+        """
+        embeds = self.embed_features(features) if embedded is None else embedded
         if control_states is None:
             return embeds
         condition = self.condition(control_states.to(embeds.dtype))
@@ -197,6 +201,11 @@ class SamBranch(VisionBranch):
         return {"seg_images": torch.zeros(1, vision.num_channels, size, size, device=device)}
 
 
+# `encode` input key: the forward's original images as already encoded by the vision tower,
+# (pixel_values, image_grid_thw, per-image features). The clip branch reuses the features of identical images.
+ENCODED_IMAGES = "encoded_images"
+
+
 class ClipBranch(VisionBranch):
     kind = "clip"
 
@@ -209,9 +218,18 @@ class ClipBranch(VisionBranch):
             return None, None
         grid_thw = inputs["clip_images_grid_thw"]
         visual = model.model.visual
-        features = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw)
-        features = getattr(features, "pooler_output", features)  # a tensor on 4.57, an output object later
-        return features, (grid_thw.prod(-1) // visual.spatial_merge_size**2).cpu()
+        tokens_per_image = (grid_thw.prod(-1) // visual.spatial_merge_size**2).cpu()
+        images = pixel_values.split(grid_thw.prod(-1).tolist())
+        # Round 2 re-encodes the image shown in round 1, which the same forward has just encoded: reuse it.
+        features = _already_encoded(images, grid_thw, inputs.get(ENCODED_IMAGES))
+        todo = [index for index, found in enumerate(features) if found is None]
+        if len(todo) == len(images):
+            return _run_visual(visual, pixel_values, grid_thw), tokens_per_image
+        if todo:
+            encoded = _run_visual(visual, torch.cat([images[i] for i in todo]), grid_thw[todo])
+            for index, found in zip(todo, encoded.split(tokens_per_image[todo].tolist())):
+                features[index] = found
+        return torch.cat(features), tokens_per_image
 
     def dummy_inputs(self, config, device):
         pixel_values, grid_thw = vision_tower_dummy_inputs(config.vision_config, device)
@@ -230,6 +248,31 @@ def vision_tower_dummy_inputs(vision_config, device) -> tuple[torch.Tensor, torc
     patch_dim = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size**2
     grid_thw = torch.tensor([[1, merge, merge]], device=device)
     return torch.zeros(merge * merge, patch_dim, device=device), grid_thw
+
+
+def _run_visual(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    features = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw)
+    return getattr(features, "pooler_output", features)  # a tensor on 4.57, an output object later
+
+
+def _already_encoded(images, grid_thw: torch.Tensor, encoded) -> list[Optional[torch.Tensor]]:
+    """Per image, the features of an identical (same grid, same pixels) already-encoded image, or None."""
+    found = [None] * len(images)
+    if encoded is None:
+        return found
+    known_pixels, known_grid, known_features = encoded
+    if known_pixels.dtype != images[0].dtype or known_pixels.shape[-1] != images[0].shape[-1]:
+        return found
+    known = known_pixels.split(known_grid.prod(-1).tolist())
+    # Candidates by grid and first patch (one comparison for all pairs), then a full comparison per candidate.
+    first = (torch.stack([image[0] for image in images])[:, None] == torch.stack([k[0] for k in known])[None]).all(-1)
+    same_grid = (grid_thw[:, None].to(known_grid.device) == known_grid[None]).all(-1).to(first.device)
+    for index, candidates in enumerate((first & same_grid).tolist()):
+        for other, candidate in enumerate(candidates):
+            if candidate and torch.equal(images[index], known[other]):
+                found[index] = known_features[other]
+                break
+    return found
 
 
 BRANCHES: dict[str, VisionBranch] = {branch.kind: branch for branch in (DinoBranch(), SamBranch(), ClipBranch())}

@@ -20,19 +20,24 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import LogitsProcessorList, Qwen2VLForConditionalGeneration, SuppressTokensLogitsProcessor
+from transformers import LogitsProcessorList, Qwen2VLForConditionalGeneration
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLCausalLMOutputWithPast
 from transformers.utils import logging
 
-from ...generation import VPTActionLogitsProcessor, vpt_suppressed_tokens
-from ...perception import BRANCHES, ConditionedProjector, VisionBranch, vision_tower_dummy_inputs
+from ...generation import VPTActionLogitsProcessor, VPTSuppressTokensLogitsProcessor, vpt_suppressed_tokens
+from ...perception import BRANCHES, ENCODED_IMAGES, ConditionedProjector, VisionBranch, vision_tower_dummy_inputs
 from .configuration_qwen2_vl_vpt import VPT_Qwen2VLConfig, VRT_Qwen2VLConfig
 
 logger = logging.get_logger(__name__)
 
 EXTRA_IMAGE_INPUTS = ("detection_images", "seg_images", "clip_pixel_values", "clip_images_grid_thw")
+
+# Config fields of every branch's pad and action token ids.
+_PAD_AND_ACTION_FIELDS = tuple(
+    getattr(branch.tokens, field) for branch in BRANCHES.values() for field in ("image_token_id_field", "action_id_field")
+)
 
 # Layers the released projectors built but never used in their forward. We do not build them; their checkpoint
 # tensors are dropped on load (and logged) instead of being reported as unexpected.
@@ -68,6 +73,7 @@ class _ExtraImages:
     image_rows: list[int]  # sample index of each image
     pad_mask: torch.Tensor  # (batch, seq) positions of the branch's pad tokens
     dummy: bool = False  # a blank image encoded only to keep module calls uniform; it has no pad tokens
+    embedded: Optional[torch.Tensor] = None  # the unconditioned projection, computed once for both passes
 
 
 class _ZeroContribution:
@@ -120,6 +126,7 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
     def __init__(self, config: VPT_Qwen2VLConfig):
         super().__init__(config)
         self.vpt_branches = [BRANCHES[kind] for kind in config.vision_encoder_ls]
+        self._vpt_token_tensor = None  # ((token ids, device), tensor) for `_has_vpt_tokens`
         for branch in self.vpt_branches:
             for name, module in branch.build(config).items():
                 self.add_module(name, module)
@@ -160,14 +167,21 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         return is_deepspeed_zero3_enabled() or _fsdp_enabled()
 
     def _embed_inputs(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                      zero: Optional[_ZeroContribution] = None):
-        """Token embeddings with the original images and videos scattered in, as stock Qwen2-VL does."""
+                      extra=None, zero: Optional[_ZeroContribution] = None):
+        """Token embeddings with the original images and videos scattered in, as stock Qwen2-VL does.
+
+        With `extra` (the branches' inputs), the encoded images are recorded there for the clip branch to reuse;
+        not in uniform mode (`zero`), where reuse would make the vision tower's calls differ between ranks.
+        """
         embeds = self.model.get_input_embeddings()(input_ids)
         if pixel_values is None and zero is not None:  # uniform mode: the vision tower runs on a blank image
             dummy_pixels, dummy_grid = vision_tower_dummy_inputs(self.config.vision_config, input_ids.device)
             zero.add(torch.cat(self.model.get_image_features(dummy_pixels, dummy_grid), dim=0))
         if pixel_values is not None:
-            image_embeds = torch.cat(self.model.get_image_features(pixel_values, image_grid_thw), dim=0)
+            image_features = self.model.get_image_features(pixel_values, image_grid_thw)
+            if extra is not None and zero is None and extra.get("clip_pixel_values") is not None:
+                extra[ENCODED_IMAGES] = (pixel_values, image_grid_thw, image_features)
+            image_embeds = torch.cat(image_features, dim=0)
             image_embeds = image_embeds.to(embeds.device, embeds.dtype)
             image_mask, _ = self.model.get_placeholder_mask(input_ids, embeds, image_features=image_embeds)
             embeds = embeds.masked_scatter(image_mask, image_embeds)
@@ -228,20 +242,35 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             collected.append(_ExtraImages(branch, features, tokens_per_image, image_rows, pad_mask))
         return collected
 
+    def _has_vpt_tokens(self, input_ids: torch.LongTensor) -> bool:
+        """Whether `input_ids` hold a pad or action token of any branch, built or not."""
+        # Read from the config's instance dict: PretrainedConfig's __getattribute__ costs microseconds per field, and
+        # this runs on every decode step. The id fields are always set in the config's __init__.
+        fields = object.__getattribute__(self.config, "__dict__")
+        ids = tuple(token for name in _PAD_AND_ACTION_FIELDS if (token := fields.get(name)) is not None)
+        if not ids:
+            return False
+        key = (ids, input_ids.device)
+        if self._vpt_token_tensor is None or self._vpt_token_tensor[0] != key:  # built once, not on every step
+            self._vpt_token_tensor = (key, torch.tensor(ids, device=input_ids.device))
+        return bool(torch.isin(input_ids, self._vpt_token_tensor[1]).any())
+
     def _action_mask(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Positions of every `<|*_action|>` token of a built branch; an unbuilt branch's action is an error."""
-        mask = torch.zeros_like(input_ids, dtype=torch.bool)
         built = {branch.kind for branch in self.vpt_branches}
-        for kind, branch in BRANCHES.items():
-            action_id = self._branch_token_ids(branch, "action_id_field")
-            if action_id is None:
-                continue
-            hits = input_ids == action_id
-            if kind not in built and hits.any():
+        ids = {kind: self._branch_token_ids(branch, "action_id_field") for kind, branch in BRANCHES.items()}
+        built_ids = [action for kind, action in ids.items() if action is not None and kind in built]
+        other_ids = {action: kind for kind, action in ids.items() if action is not None and kind not in built}
+        if other_ids:
+            hits = torch.isin(input_ids, torch.tensor(list(other_ids), device=input_ids.device))
+            if hits.any():
                 row = int(hits.any(1).nonzero()[0])
-                raise ValueError(f"Sample {row} has a {branch.tokens.action} token but the '{kind}' branch is not built")
-            mask |= hits
-        return mask
+                kind = other_ids[int(input_ids[row][hits[row]][0])]
+                action = BRANCHES[kind].tokens.action
+                raise ValueError(f"Sample {row} has a {action} token but the '{kind}' branch is not built")
+        if not built_ids:
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        return torch.isin(input_ids, torch.tensor(built_ids, device=input_ids.device))
 
     def _control_states_per_image(
         self, images: _ExtraImages, input_ids: torch.LongTensor, states: torch.Tensor
@@ -267,7 +296,10 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
 
     def _scatter(self, embeds: torch.Tensor, images: _ExtraImages, control_states=None, zero=None) -> torch.Tensor:
         projector = getattr(self, images.branch.projector_attr)
-        projected = projector(images.features, images.tokens_per_image, control_states).to(embeds.dtype)
+        projected = projector(images.features, images.tokens_per_image, control_states, embedded=images.embedded)
+        if control_states is None:
+            images.embedded = projected
+        projected = projected.to(embeds.dtype)
         if images.dummy:
             zero.add(projected)
             return embeds
@@ -300,6 +332,20 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             **kwargs,
         )
 
+    def _partial_mask(self, attention_mask, query_start: int, query_end: int, key_end: int, cache_position,
+                      batch_size: int):
+        """The attention mask of a decoder pass over input columns [query_start, query_end) with keys [0, key_end)."""
+        mask = _slice_mask(attention_mask, query_start, query_end, key_end)
+        decoder = self.model.language_model
+        if (
+            query_end - query_start in (1, key_end)  # transformers' own path: no mask or `is_causal`
+            or decoder.config._attn_implementation != "sdpa"
+            or decoder.has_sliding_layers
+            or (mask is not None and (mask.dim() != 2 or mask.shape[1] != key_end))
+        ):
+            return mask
+        return _causal_mask_mapping(mask, cache_position[query_start:query_end], key_end, batch_size)
+
     def _pass_one(self, embeds, attention_mask, position_ids, past_key_values, cache_position, action_mask,
                   prev_hidden_state, zero=None, **kwargs) -> tuple[torch.Tensor, Optional[_PassOne]]:
         """Pass 1: `control[:, t]` is the control state of an action token at t (the final hidden state at t-1).
@@ -329,7 +375,7 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
                 cache = _fork_cache(past_key_values)
             pass1 = self._decode(
                 embeds[:, :end],
-                _slice_mask(attention_mask, 0, end, past_length + end),
+                self._partial_mask(attention_mask, 0, end, past_length + end, cache_position, embeds.shape[0]),
                 position_ids[..., :end],
                 cache,
                 cache_position[:end],
@@ -349,14 +395,21 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             control[:, 0] = prev_hidden_state.to(control.dtype)
         return control, prefix
 
-    def _loss(self, hidden_states, labels, num_items_in_batch=None) -> torch.Tensor:
-        """Next-token cross-entropy computed in float32 on the labelled positions only (no full fp32 logits)."""
+    def _loss(self, hidden_states, labels, num_items_in_batch=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token cross-entropy computed in float32 on the labelled positions only (no full fp32 logits).
+
+        Returns the loss and the logits, whose labelled rows are the loss's own: the LM head runs once per position.
+        """
         targets = labels[:, 1:].to(hidden_states.device)
         keep = targets != -100
-        logits = self.lm_head(hidden_states[:, :-1][keep]).float()
-        loss = nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+        rows = self.lm_head(hidden_states[:, :-1][keep])
+        loss = nn.functional.cross_entropy(rows.float(), targets[keep], reduction="sum")
         count = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
-        return loss / count
+        labelled = nn.functional.pad(keep, (0, 1))  # positions whose logits predict a label
+        logits = rows.new_empty(*hidden_states.shape[:2], rows.shape[-1])
+        logits[labelled] = rows
+        logits[~labelled] = self.lm_head(hidden_states[~labelled])
+        return loss / count, logits
 
     # ------------------------------------------------------------------ generation
     # One decoder pass per decode step: when the new token is `<|x_action|>`, its control state is the final hidden
@@ -374,7 +427,7 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
                 pads.append(pad)
         suppressed = vpt_suppressed_tokens(action_after_start, pads)
         if suppressed:  # first: top-k / top-p then never keep only forbidden tokens
-            processors.insert(0, SuppressTokensLogitsProcessor(suppressed, device=self.device))
+            processors.insert(0, VPTSuppressTokensLogitsProcessor(suppressed))
         if action_after_start:
             processors.append(VPTActionLogitsProcessor(action_after_start))  # last: its forcing wins
         return processors
@@ -460,23 +513,30 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
 
         # Uniform mode: what this batch does not need still runs, and joins the output multiplied by 0.
         zero = _ZeroContribution() if past_length == 0 and self.uses_uniform_module_calls else None
-        embeds = self._embed_inputs(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, zero)
-        extra_images = self._collect_extra_images(input_ids, extra, uniform=zero is not None)
+        has_extra = any(value is not None for value in extra.values())
+        embeds = self._embed_inputs(
+            input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, extra=extra, zero=zero
+        )
+        if zero is not None or has_extra or self._has_vpt_tokens(input_ids):
+            extra_images = self._collect_extra_images(input_ids, extra, uniform=zero is not None)
+            action_mask = self._action_mask(input_ids)
+        else:  # most decode steps: no VPT pad or action token, so one plain pass (one scan, one host sync)
+            extra_images, action_mask = [], None
         real_images = [images for images in extra_images if not images.dummy]
         unconditioned = embeds
         for images in extra_images:
             unconditioned = self._scatter(unconditioned, images, zero=zero)
 
-        action_mask = self._action_mask(input_ids)
         two_pass = self.config.num_inner_forward_run == 2
-        if two_pass and real_images and not action_mask.any():
+        has_actions = action_mask is not None and bool(action_mask.any())
+        if two_pass and real_images and not has_actions:
             rows = sorted(set(real_images[0].image_rows))
             raise ValueError(
                 f"Sample {rows[0]} has {real_images[0].branch.tokens.images_key} but no action token to "
                 "condition them (two-pass mode needs one control token per image)"
             )
         prefix, start = None, 0  # pass 2 recomputes columns [start, L) on top of pass 1's cache
-        if not two_pass or not (action_mask.any() or zero is not None):
+        if not two_pass or not (has_actions or zero is not None):
             if zero is not None:  # single-pass mode never conditions; the condition layers still run, times 0
                 zero_state = embeds.new_zeros(1, self.config.projector_scale * embeds.shape[-1])
                 for images in extra_images:
@@ -511,7 +571,10 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             cache.crop(past_length + start)
             outputs = self._decode(
                 final_embeds[:, start:],
-                _slice_mask(attention_mask, start, input_ids.shape[1], past_length + input_ids.shape[1]),
+                self._partial_mask(
+                    attention_mask, start, input_ids.shape[1], past_length + input_ids.shape[1], cache_position,
+                    input_ids.shape[0],
+                ),
                 position_ids[..., start:],
                 cache,
                 cache_position[start:],
@@ -525,10 +588,11 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             hidden_states, past_out = outputs.last_hidden_state, outputs.past_key_values
         if zero is not None:
             hidden_states = zero.attach(hidden_states)
-        logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
-            loss = self._loss(hidden_states, labels, kwargs.get("num_items_in_batch"))
+            loss, logits = self._loss(hidden_states, labels, kwargs.get("num_items_in_batch"))
+        else:
+            logits = self.lm_head(hidden_states)
         return VPTCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -547,6 +611,18 @@ def _slice_mask(mask: Optional[torch.Tensor], query_start: int, query_end: int, 
     if mask.dim() == 2:
         return mask[:, :key_end]
     return mask[..., query_start:query_end, :key_end]
+
+
+def _causal_mask_mapping(mask: Optional[torch.Tensor], queries: torch.Tensor, key_end: int, batch_size: int):
+    """SDPA's boolean 4-D mask for queries at cache positions `queries` over keys [0, key_end), built by broadcasting.
+
+    It is the mask transformers builds (key <= query, padding keys masked) when queries and keys differ in length and
+    SDPA's `is_causal` cannot stand in, as in pass 2 after the reused prefix; transformers builds it with `vmap`, whose
+    fixed cost (milliseconds on CPU) is paid on every call. `mask` is the 2-D mask sliced to the keys, or None.
+    """
+    causal = torch.arange(key_end, device=queries.device) <= queries[:, None]
+    causal = causal.expand(batch_size, 1, -1, -1) if mask is None else causal & mask[:, None, None, :].bool()
+    return {"full_attention": causal}
 
 
 def _fork_cache(cache: Cache) -> DynamicCache:
