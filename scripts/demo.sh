@@ -27,10 +27,10 @@ done
 
 if [ "$QUICK" = 1 ]; then
   DATA=(--train-size 24 --test-size 4 --alignment-size 8)
-  ALIGN_STEPS=2 TRAIN_STEPS=3
+  ALIGN_STEPS=2 TRAIN_STEPS=3 TRAIN_ARGS=(logging_steps=1)
 else
   DATA=(--train-size 3000 --test-size 200 --alignment-size 320)
-  ALIGN_STEPS=20 TRAIN_STEPS=1000
+  ALIGN_STEPS=20 TRAIN_STEPS=1000 TRAIN_ARGS=()
 fi
 
 step() { printf '\n==> [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
@@ -49,12 +49,13 @@ python configs/tiny/make_tiny.py --out-dir "$OUT" --no-data
 
 step "Stage 1: projector alignment (llamafactory-cli train configs/demo/alignment.yaml)"
 llamafactory-cli train configs/demo/alignment.yaml \
-  model_name_or_path="$OUT/vpt-init" dataset_dir="$OUT/data" output_dir="$OUT/runs/alignment" max_steps=$ALIGN_STEPS
+  model_name_or_path="$OUT/vpt-init" dataset_dir="$OUT/data" output_dir="$OUT/runs/alignment" max_steps=$ALIGN_STEPS \
+  "${TRAIN_ARGS[@]}"
 
 step "Stage 2: VPT instruction tuning (llamafactory-cli train configs/demo/instruction.yaml)"
 llamafactory-cli train configs/demo/instruction.yaml \
   model_name_or_path="$OUT/runs/alignment" dataset_dir="$OUT/data" output_dir="$OUT/runs/instruction" \
-  max_steps=$TRAIN_STEPS
+  max_steps=$TRAIN_STEPS "${TRAIN_ARGS[@]}"
 
 step "Two-round evaluation before and after training (evaluation/evaluation.py)"
 python evaluation/evaluation.py --config configs/demo/evaluation.yaml \
