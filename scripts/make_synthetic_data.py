@@ -144,7 +144,8 @@ def region_span(cells: tuple[int, int, int, int]) -> str:
     return REGION_START + x_token(x0) + y_token(y0) + x_token(x1) + y_token(y1) + REGION_END
 
 
-def _place(rng: random.Random, taken: list[tuple[int, int, int, int]], options: Options) -> tuple[int, int, int, int]:
+def _place(rng: random.Random, taken: list[tuple[int, int, int, int]], options: Options):
+    """A random box that keeps OBJECT_GAP pixels from every box in `taken`, or None when 1000 draws found none."""
     cell = options.image_size / options.grid
     side = max(6, round(options.object_size * cell * rng.uniform(0.8, 1.2)))
     for _ in range(1000):
@@ -158,7 +159,21 @@ def _place(rng: random.Random, taken: list[tuple[int, int, int, int]], options: 
             for t in taken
         ):
             return box
-    raise ValueError("cannot place the objects without overlap; lower --distractors or --object-size")
+    return None
+
+
+def _layout(rng: random.Random, count: int, options: Options) -> list[tuple[int, int, int, int]]:
+    """`count` boxes without overlap; starts over when early boxes left no room for later ones."""
+    for _ in range(100):
+        boxes: list[tuple[int, int, int, int]] = []
+        while len(boxes) < count and (box := _place(rng, boxes, options)) is not None:
+            boxes.append(box)
+        if len(boxes) == count:
+            return boxes
+    raise ValueError(
+        f"cannot place {count} objects of {options.object_size} cells without overlap in a {options.image_size} px "
+        "image; lower --distractors or --object-size"
+    )
 
 
 def make_scene(options: Options, split: str, index: int) -> Scene:
@@ -167,9 +182,7 @@ def make_scene(options: Options, split: str, index: int) -> Scene:
     shape, color = rng.choice(SHAPES), rng.choice(tuple(COLORS))
     other_shapes = [s for s in SHAPES if s != shape]  # the target is the only object of its shape
     specs = [(shape, color)] + [(rng.choice(other_shapes), "gray") for _ in range(options.distractors)]
-    boxes: list[tuple[int, int, int, int]] = []
-    for _ in specs:
-        boxes.append(_place(rng, boxes, options))
+    boxes = _layout(rng, len(specs), options)
     target, *distractors = (Item(s, c, b) for (s, c), b in zip(specs, boxes))
     asked = options.questions.split(",")
     if rng.choice(asked) == "color":  # one draw either way, so other scenes do not change with --questions

@@ -127,3 +127,9 @@ def test_sampling_with_tight_top_k_never_crashes_on_forbidden_tokens():
     out = model.generate(**inputs, max_new_tokens=6, do_sample=True, top_k=2, top_p=0.1, temperature=0.95,
                          pad_token_id=PAD, eos_token_id=IM_END)
     assert not torch.isin(out[:, batch["input_ids"].shape[1]:], torch.tensor(NEVER)).any()
+
+
+def test_beam_search_is_refused_with_a_clear_error(model):
+    inputs = {k: v for k, v in collate([prompt(Sample("plain", seed=2))]).items() if k != "labels"}
+    with pytest.raises(ValueError, match="beam search is not supported"):
+        model.generate(**inputs, max_new_tokens=2, num_beams=2, pad_token_id=PAD, eos_token_id=IM_END)

@@ -425,6 +425,12 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             pad = self._branch_token_ids(branch, "image_token_id_field")
             if pad is not None:
                 pads.append(pad)
+        if action_after_start and (generation_config.num_beams or 1) > 1:
+            # the control state kept between decode steps is per sequence, not reordered with the beams
+            raise ValueError(
+                f"num_beams={generation_config.num_beams}: beam search is not supported by a VPT model with "
+                f"re-encoding branches ({', '.join(self.config.vision_encoder_ls)}); use greedy decoding or sampling"
+            )
         suppressed = vpt_suppressed_tokens(action_after_start, pads)
         if suppressed:  # first: top-k / top-p then never keep only forbidden tokens
             processors.insert(0, VPTSuppressTokensLogitsProcessor(suppressed))
