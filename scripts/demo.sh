@@ -42,7 +42,7 @@ rm -rf "$OUT"/{data,sources,vpt-init,runs,evaluation}
 mkdir -p "$OUT"
 
 step "Synthetic data: what colour is the one coloured shape among gray ones (a small part of the image)?"
-python scripts/make_synthetic_data.py --out-dir "$OUT/data" "${DATA[@]}" --image-size 112 --distractors 2 --object-size 2 --questions color
+python scripts/make_synthetic_data.py --out-dir "$OUT/data" "${DATA[@]}" --image-size 112 --distractors 2 --object-size 3 --questions color
 
 step "Tiny VPT model from random tiny Qwen2-VL, DINOv2 and SAM (scripts/prepare_weights.py)"
 python configs/tiny/make_tiny.py --out-dir "$OUT" --no-data
