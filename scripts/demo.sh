@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The VPT demo, end to end on a CPU, no GPU and no downloads: synthetic data -> a tiny VPT model -> projector
 # alignment -> VPT instruction tuning (both with `llamafactory-cli train`) -> two-round evaluation of the untrained
-# and the trained model -> report (table, loss plot, bar chart). About 10 minutes on 2 cores.
+# and the trained model -> report (table, loss plot, bar chart). About 5 minutes on 2 cores, plus the install.
 #
 #   bash scripts/demo.sh [--quick] [--out-dir DIR] [--no-install]
 #
