@@ -19,7 +19,7 @@ while [ $# -gt 0 ]; do
     --quick) QUICK=1 ;;
     --out-dir) OUT=${2:?--out-dir needs a value}; shift ;;
     --no-install) INSTALL=0 ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
     *) echo "demo.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
