@@ -106,9 +106,6 @@ class SamProjector(ConditionedProjector):
 class ClipProjector(ConditionedProjector):
     """Re-encoded Qwen2-VL visual tokens are already LLM-sized: the feature path is the identity."""
 
-    def __init__(self, hidden_size: int, projector_scale: int):
-        super().__init__(hidden_size, projector_scale)
-
     def embed_features(self, features: torch.Tensor) -> torch.Tensor:
         return features
 
