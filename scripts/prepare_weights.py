@@ -18,11 +18,14 @@ import argparse
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer, GenerationConfig
 from transformers.modeling_utils import load_state_dict
+
+from transformers_vpt.errors import VPTUserError, one_line, run_cli
 
 from llamafactory_patches.embeddings import init_added_token_rows
 from transformers_vpt import VPT_Qwen2VLConfig, VPT_Qwen2VLForConditionalGeneration, VPT_Qwen2VLProcessor
@@ -38,6 +41,41 @@ logger = logging.getLogger(__name__)
 SAM_VISION_PREFIX = "vision_encoder."
 DINOV2_TASK_PREFIX = "dinov2."  # checkpoints saved from a DINOv2 task model (e.g. Dinov2ForImageClassification)
 QWEN_CONFIG_KEYS_DROPPED = ("model_type", "architectures", "transformers_version")
+SOURCE_MODEL_TYPES = {"qwen2_vl": ("qwen2_vl",), "dino": ("dinov2",), "sam": ("sam",)}
+"""The ``model_type`` each source directory must declare."""
+SOURCE_FLAGS = {"qwen2_vl": "--qwen2-vl", "dino": "--dino", "sam": "--sam"}
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def check_source(kind: str, directory: str | os.PathLike) -> None:
+    """A clear error unless ``directory`` is a local checkpoint directory of the right kind for ``kind``."""
+    flag, path = SOURCE_FLAGS[kind], Path(directory)
+    if not path.is_dir():
+        raise VPTUserError(f"{flag} {directory}: no such directory")
+    try:
+        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except FileNotFoundError:
+        raise VPTUserError(f"{flag} {directory} is not a model directory (no config.json)") from None
+    except (OSError, ValueError, AttributeError) as error:
+        raise VPTUserError(f"{flag} {directory}: cannot read config.json ({one_line(error)})") from error
+    if model_type not in SOURCE_MODEL_TYPES[kind]:
+        raise VPTUserError(
+            f"{flag} {directory} holds a {model_type!r} model, expected {' or '.join(SOURCE_MODEL_TYPES[kind])}"
+        )
+
+
+def check_output_dir(output_dir: str | os.PathLike, sources: list[str | os.PathLike], overwrite: bool = True) -> None:
+    """Refuse an output directory that is, or lies inside, a source directory (writing there would replace or mix
+    with the source's files); without ``overwrite`` also one that already holds a checkpoint."""
+    output = Path(output_dir).resolve()
+    for source in sources:
+        source_path = Path(source).resolve()
+        if output == source_path or source_path in output.parents:
+            raise VPTUserError(f"--output-dir {output_dir} is inside the source directory {source}; choose another")
+    if output.is_file():
+        raise VPTUserError(f"--output-dir {output_dir} is a file")
+    if not overwrite and any((output / name).exists() for name in CHECKPOINT_FILES):
+        raise VPTUserError(f"--output-dir {output_dir} already holds a checkpoint; choose another or pass --overwrite")
 
 
 def load_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -49,7 +87,10 @@ def load_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     state_dict = {}
     for file in files:
-        state_dict.update(load_state_dict(str(file)))
+        try:
+            state_dict.update(load_state_dict(str(file)))
+        except Exception as error:  # truncated or corrupt files fail in safetensors / torch with many types
+            raise VPTUserError(f"cannot read the weights file {file}: {one_line(error)}") from error
 
     return state_dict
 
@@ -93,7 +134,14 @@ def prepare_weights(
     encoder_dirs = {"dino": dino, "sam": sam}
     missing = [kind for kind in kinds if kind in encoder_dirs and encoder_dirs[kind] is None]
     if missing:
-        raise ValueError(f"vision_encoder_ls={kinds} needs the local directory of {missing}")
+        raise VPTUserError(
+            f"vision_encoder_ls={kinds} needs the local directory of {missing}: "
+            + " ".join(f"{SOURCE_FLAGS[kind]} DIR" for kind in missing)
+        )
+    sources = {"qwen2_vl": qwen2_vl, **{kind: encoder_dirs[kind] for kind in kinds if kind in encoder_dirs}}
+    for kind, directory in sources.items():
+        check_source(kind, directory)
+    check_output_dir(output_dir, list(sources.values()))
 
     qwen_config = AutoConfig.from_pretrained(qwen2_vl)
     fields = {key: value for key, value in qwen_config.to_dict().items() if key not in QWEN_CONFIG_KEYS_DROPPED}
@@ -114,6 +162,7 @@ def prepare_weights(
         if kind in encoder_dirs:
             state_dict.update(encoder_weights(kind, encoder_dirs[kind]))
 
+    check_shapes(config, state_dict)
     model, info = VPT_Qwen2VLForConditionalGeneration.from_pretrained(
         None, config=config, state_dict=state_dict, dtype=qwen_config.dtype, output_loading_info=True
     )
@@ -150,7 +199,27 @@ def prepare_weights(
     return model
 
 
-def main(argv: list[str] | None = None) -> None:
+def check_shapes(config: VPT_Qwen2VLConfig, state_dict: dict[str, torch.Tensor]) -> None:
+    """Name the first source tensor whose shape differs from the model the config describes (meta device, free)."""
+    with torch.device("meta"):
+        expected = VPT_Qwen2VLForConditionalGeneration(config).state_dict()
+    renamed = {VPT_Qwen2VLForConditionalGeneration._fix_state_dict_key_on_load(k)[0]: k for k in state_dict}
+    mapping = VPT_Qwen2VLForConditionalGeneration._checkpoint_conversion_mapping
+    for key, source_key in renamed.items():
+        for pattern, replacement in mapping.items():
+            key = re.sub(pattern, replacement, key)
+        if key in expected and tuple(expected[key].shape) != tuple(state_dict[source_key].shape):
+            raise VPTUserError(
+                f"tensor {source_key} has shape {tuple(state_dict[source_key].shape)} but the model built from the "
+                f"source configs needs {tuple(expected[key].shape)}; do the weights belong to these config.json files?"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv, prog="prepare_weights.py")
+
+
+def _main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--qwen2-vl", required=True, help="Qwen2-VL-2B/7B-Instruct directory")
     parser.add_argument("--vision-encoder-ls", required=True, help="branches to build: dino, sam, clip (comma list)")
@@ -159,13 +228,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--seg-projector-stride", type=int, default=4, help="SAM projector conv kernel and stride (64x64 -> 16x16)"
     )
-    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--output-dir", required=True, help="new directory for the VPT checkpoint")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write into an --output-dir that already holds a checkpoint"
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_output_dir(args.output_dir, [d for d in (args.qwen2_vl, args.dino, args.sam) if d], args.overwrite)
     prepare_weights(
         args.qwen2_vl, args.output_dir, args.vision_encoder_ls, args.dino, args.sam, args.seg_projector_stride
     )
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,13 +1,18 @@
 """``vpt-cli``: command-line entry points.
 
 Each subcommand is a function that adds its parser, registered with `subcommand`; its handler does the heavy imports,
-so ``vpt-cli --help`` stays fast.
+so ``vpt-cli --help`` stays fast. Failures print one line and exit with status 2 (`errors.run_cli`); ``--debug``
+shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import VPTUserError, run_cli
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
@@ -41,14 +46,19 @@ def _add_infer(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--max-image-side",
-        type=int,
+        type=_non_negative,
         default=512,
         metavar="N",
         help="downscale images and crops to this long side before the model; 0 keeps full size (default: 512)",
     )
     parser.add_argument(
-        "--save-boxes", metavar="PNG", help="save the image with the selected regions drawn on it to this file"
+        "--save-boxes",
+        metavar="PNG",
+        help="save the image with the selected regions drawn on it to this new file (.png, .jpg, ...); an existing "
+        "file or the input image is never written over",
     )
+    parser.add_argument("--overwrite", action="store_true", help="let --save-boxes replace an existing file")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument(
         "--dtype",
@@ -57,39 +67,100 @@ def _add_infer(subparsers: argparse._SubParsersAction) -> None:
         help="model weights dtype (default: auto, the checkpoint's)",
     )
     parser.add_argument(
-        "--max-new-tokens", type=int, default=128, metavar="N", help="token limit of each round (default: 128)"
+        "--max-new-tokens", type=_positive, default=128, metavar="N", help="token limit of each round (default: 128)"
     )
     parser.set_defaults(handler=_infer)
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _check_output_image(path: str, inputs: Sequence[str], overwrite: bool) -> Path:
+    """The ``--save-boxes`` file, checked before any work: a known image type, a writable folder, not an input and
+    not an existing file (unless ``overwrite``)."""
+    from PIL import Image
+
+    from .regions import split_crop_path
+
+    target = Path(path)
+    if target.suffix.lower() not in Image.registered_extensions():
+        raise VPTUserError(f"--save-boxes {path}: unknown image type {target.suffix!r}; use .png or .jpg")
+    for source in inputs:
+        real = Path(split_crop_path(source)[0])
+        if real.exists() and target.exists() and target.resolve() == real.resolve():
+            raise VPTUserError(f"--save-boxes {path} is the input image; choose another file")
+    if target.exists() and not overwrite:
+        raise VPTUserError(f"--save-boxes {path} already exists; choose another file or pass --overwrite")
+    if target.is_dir():
+        raise VPTUserError(f"--save-boxes {path} is a directory")
+    folder = target.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise VPTUserError(f"--save-boxes {path}: cannot write to the folder {folder}")
+    return target
+
+
+def _save_image(image, target: Path, overwrite: bool) -> None:
+    """Write ``image`` to a new ``target`` (to a temporary file renamed over it with ``overwrite``)."""
+    from PIL import Image
+
+    image_format = Image.registered_extensions()[target.suffix.lower()]
+    if not overwrite:
+        with open(target, "xb") as file:  # fails rather than replaces a file created meanwhile
+            image.save(file, format=image_format)
+        return
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format=image_format)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _infer(args: argparse.Namespace) -> int:
     import torch
     from PIL import ImageDraw
 
-    from .pipeline import VPTPipeline
-    from .regions import open_image
+    from .images import load_image
+    from .pipeline import BaselinePipeline, load_pipeline
 
+    target = _check_output_image(args.save_boxes, [args.image], args.overwrite) if args.save_boxes else None
+    image = load_image(args.image)  # before the model loads: a bad image fails at once
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipeline = VPTPipeline.from_pretrained(args.model, dtype=args.dtype, device=device)
-    image = open_image(args.image)
+    pipeline = load_pipeline(args.model, dtype=args.dtype, device=device)
+    mode = args.mode
+    if isinstance(pipeline, BaselinePipeline):
+        print(f"Note: {args.model} is a plain Qwen2-VL checkpoint: answering in one round, without a trigger phrase")
+        mode = "free"
     (result,) = pipeline(
         [image],
         [args.question],
-        mode=args.mode,
+        mode=mode,
         max_image_side=args.max_image_side or None,
         generation_kwargs={"max_new_tokens": args.max_new_tokens},
+        on_error="raise",
     )
     print(f"Answer: {result.answer}")
     print(f"Action: {result.action}")
     if result.boxes:
         print("Boxes: " + " ".join(f"({x0},{y0},{x1},{y1})" for x0, y0, x1, y1 in result.boxes))
-    if args.save_boxes:
+    if target is not None:
         draw = ImageDraw.Draw(image)
         width = max(2, max(image.size) // 200)
         for x0, y0, x1, y1 in result.boxes:
             draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(255, 0, 0), width=width)
-        image.save(args.save_boxes)
-        print(f"Saved {len(result.boxes)} region box(es) drawn on the image to {args.save_boxes}")
+        _save_image(image, target, args.overwrite)
+        print(f"Saved {len(result.boxes)} region box(es) drawn on the image to {target}")
     return 0
 
 
@@ -112,21 +183,35 @@ def _add_llamafactory_commands(subparsers: argparse._SubParsersAction) -> None:
 def _run_llamafactory(args: argparse.Namespace) -> int:
     from llamafactory_patches.launch import main as launch
 
+    recipe = next((a for a in args.args if a.endswith((".yaml", ".yml", ".json"))), None)
+    if recipe is None:
+        raise VPTUserError(f"vpt-cli {args.command} needs a YAML recipe: vpt-cli {args.command} RECIPE.yaml")
+    if not Path(recipe).is_file():
+        raise VPTUserError(f"no such recipe file: {recipe}")
+
     launch([args.command, *args.args])
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vpt-cli", description="Visual Perception Tokens for Qwen2-VL.")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of a failure (also: VPT_DEBUG=1)"
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_parser in _SUBCOMMANDS:
         add_parser(subparsers)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return args.handler(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``vpt-cli``: one line and exit status 2 on failure; ``--debug`` (or ``VPT_DEBUG=1``) shows the traceback."""
+    return run_cli(_main, argv, prog="vpt-cli")
 
 
 if __name__ == "__main__":

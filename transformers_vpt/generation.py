@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import inspect
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
-from transformers import LogitsProcessor
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 
 class VPTActionLogitsProcessor(LogitsProcessor):
@@ -49,9 +58,61 @@ class VPTSuppressTokensLogitsProcessor(LogitsProcessor):
         return scores.index_fill(-1, self._index[2], -float("inf"))
 
 
+class PerRowSeededSampler(LogitsProcessor):
+    """Draw each row's next token from its own generator, seeded per row: a row's samples do not depend on which
+    other rows share its batch, so a resumed or re-batched run repeats them.
+
+    It runs after the sampling warpers and leaves a single finite score per row (0 at the drawn token), so
+    `generate`'s own multinomial draw can only pick that token. Built by [`seeded_sampling_kwargs`].
+    """
+
+    def __init__(self, seeds: Sequence[int]):
+        self.seeds = [int(seed) for seed in seeds]
+        self._generators: list[torch.Generator] | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if len(self.seeds) != scores.shape[0]:
+            raise ValueError(f"{len(self.seeds)} seeds for {scores.shape[0]} sequences; give one seed per sequence")
+        if self._generators is None:
+            self._generators = [torch.Generator(scores.device).manual_seed(seed) for seed in self.seeds]
+        probabilities = torch.softmax(scores.float(), dim=-1)
+        drawn = torch.cat(
+            [torch.multinomial(row, 1, generator=generator) for row, generator in zip(probabilities, self._generators)]
+        )
+        return torch.full_like(scores, -float("inf")).scatter_(1, drawn[:, None], 0.0)
+
+
+def seeded_sampling_kwargs(
+    generation_kwargs: dict[str, Any], seeds: Sequence[int], generation_config: Any = None
+) -> dict[str, Any]:
+    """``generate`` kwargs that sample like ``generation_kwargs`` but with one generator per row, seeded by ``seeds``.
+
+    The temperature / top-k / top-p warpers move into the custom processor list ahead of a [`PerRowSeededSampler`]
+    (custom processors run before `generate`'s own warpers, which are then neutral). Greedy kwargs are returned as
+    they are. Warper values missing from ``generation_kwargs`` come from ``generation_config`` (the model's).
+    """
+    if not generation_kwargs.get("do_sample", getattr(generation_config, "do_sample", False)):
+        return generation_kwargs
+    if generation_kwargs.get("num_return_sequences", 1) != 1 or generation_kwargs.get("num_beams", 1) != 1:
+        raise ValueError("Per-record seeds need num_return_sequences=1 and num_beams=1")
+    kwargs = dict(generation_kwargs)
+    temperature, top_k, top_p = (
+        kwargs.pop(name, getattr(generation_config, name, None)) for name in ("temperature", "top_k", "top_p")
+    )
+    processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+    if temperature is not None and temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        processors.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p))
+    processors.append(PerRowSeededSampler(seeds))
+    return {**kwargs, "logits_processor": processors, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
 # LogitsProcessorList calls inspect.signature(processor.__call__) for every processor on every step; with the
 # signature precomputed that is a lookup instead of a parse of the function.
-for _processor in (VPTActionLogitsProcessor, VPTSuppressTokensLogitsProcessor):
+for _processor in (VPTActionLogitsProcessor, VPTSuppressTokensLogitsProcessor, PerRowSeededSampler):
     _processor.__call__.__signature__ = inspect.signature(_processor.__call__)
 
 

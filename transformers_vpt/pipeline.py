@@ -10,16 +10,24 @@ picks the route:
 * **none / conflict / unsupported:<kind>**: no route, several kinds, or a branch the model lacks: the round-1 text
   is the answer.
 
-Images and crops are downscaled (long side <= ``max_image_side``, NEAREST, as the released data pipeline) before
-the processor. Each image is loaded and resized once per call and reused in round 2. The vision tower still encodes
+A question given to `VPTPipeline.__call__` is user text: control-token strings and placeholders in it stay plain
+text (`vocabulary.literal_text`). `run` takes ready user turns (a dataset's first message) whose placeholders keep
+their meaning. `BaselinePipeline` runs a plain Qwen2-VL checkpoint in one round with the same interface, and
+`load_pipeline` picks the class from the checkpoint's config.
+
+Images load through `transformers_vpt.images` (viewer pixels, 8-bit RGB). Images and crops are downscaled (long
+side <= ``max_image_side``, NEAREST, as the released data pipeline) before the processor. Each image is loaded and resized once per call and reused in round 2. The vision tower still encodes
 the original again in round 2: the round-2 prompt is a new prefill.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,21 +35,40 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText
 
-from .models.qwen2_vl_vpt.processing_qwen2_vl_vpt import VPT_Qwen2VLProcessor
-from .regions import Box, RegionSpan, crop_regions, open_image, parse_regions
-from .vocabulary import BRANCH_TOKENS, IMAGE_PLACEHOLDER, REENCODE_TRIGGER, REGION_TRIGGER
+from .errors import VPTUserError, one_line
+from .generation import seeded_sampling_kwargs
+from .images import ImageInput, cap_image, load_image
+from .models.qwen2_vl_vpt.processing_qwen2_vl_vpt import VPT_Qwen2VLProcessor, strip_literal_markers
+from .regions import Box, RegionSpan, crop_regions, parse_regions
+from .vocabulary import BRANCH_TOKENS, IMAGE_PLACEHOLDER, REENCODE_TRIGGER, REGION_TRIGGER, literal_text
 
-__all__ = ["MODES", "VPTPipeline", "VPTResult", "build_user_text", "cap_image", "route"]
+__all__ = [
+    "MODES",
+    "ON_ERROR",
+    "BaselinePipeline",
+    "VPTPipeline",
+    "VPTResult",
+    "build_user_text",
+    "cap_image",
+    "load_pipeline",
+    "route",
+]
+
+logger = logging.getLogger(__name__)
 
 MODES = ("region", "reencode", "free")
+ON_ERROR = ("record", "raise")
+"""What `run` does with a record whose image cannot be loaded or whose generation fails: keep going and put the
+error in that record's `VPTResult.error` (``"record"``, the default), or raise at once (``"raise"``)."""
 # Where the released data puts each trigger: after the question.
 _TRIGGER_SUFFIX = {"region": " \n" + REGION_TRIGGER, "reencode": "\n" + REENCODE_TRIGGER, "free": ""}
 # Long-side caps of the released preprocessing for re-encoded images; CLIP re-encodes the round-1 image itself,
 # so its features equal the round-1 ones and only the conditioned projection differs.
 _REENCODE_MAX_SIDE = {"dino": 512, "sam": 1024}
 _DEFAULT_GENERATION = {"do_sample": False, "max_new_tokens": 128}
-
-ImageInput = Image.Image | str | os.PathLike
+_ROUND_SEED_STRIDE = 1_000_003  # round 2 of a record draws from another stream than its round 1
+BASELINE_MODEL_TYPES = ("qwen2_vl",)
+"""Model types `load_pipeline` runs as the one-round baseline."""
 
 
 @dataclass
@@ -51,10 +78,11 @@ class VPTResult:
     Attributes:
         answer: The final answer: the round-2 text, or the round-1 text when there was no round 2.
         round1_text: The decoded round-1 output, verbatim.
-        action: ``"region"``, ``"dino"``, ``"sam"``, ``"clip"``, ``"none"``, ``"conflict"`` or
-            ``"unsupported:<kind>"``.
+        action: ``"region"``, ``"dino"``, ``"sam"``, ``"clip"``, ``"none"``, ``"conflict"``,
+            ``"unsupported:<kind>"``, or ``"error"`` when the record failed (see ``error``).
         boxes: Region crop boxes in pixels of the original image (``(x0, y0, x1, y1)``, exclusive ends).
         round2_prompt: The rendered round-2 prompt (placeholders not expanded), None without a round 2.
+        error: Why the record could not be answered (``on_error="record"``), None when it was.
     """
 
     answer: str
@@ -62,6 +90,7 @@ class VPTResult:
     action: str
     boxes: list[Box] = field(default_factory=list)
     round2_prompt: str | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -73,11 +102,17 @@ class _Request:
     extra: dict[str, list[Image.Image]] = field(default_factory=dict)
 
 
-def build_user_text(question: str, mode: str = "region") -> str:
-    """The round-1 user turn of the released data: ``"<image>\\n{question}"`` plus the trigger phrase of ``mode``."""
+def build_user_text(question: str, mode: str = "region", literal: bool = True) -> str:
+    """The round-1 user turn of the released data: ``"<image>\\n{question}"`` plus the trigger phrase of ``mode``.
+
+    With ``literal`` (the default) the question is user text: control-token strings and placeholders in it are
+    tokenized as plain text. ``literal=False`` keeps their meaning (a dataset's own text).
+    """
     if mode not in MODES:
         raise ValueError(f"Unknown trigger mode {mode!r}; choose from {list(MODES)}")
-    return f"{IMAGE_PLACEHOLDER}\n{question}{_TRIGGER_SUFFIX[mode]}"
+    if not isinstance(question, str):
+        raise ValueError(f"A question must be a string, got {type(question).__name__}")
+    return f"{IMAGE_PLACEHOLDER}\n{literal_text(question) if literal else question}{_TRIGGER_SUFFIX[mode]}"
 
 
 def route(text: str, branches: Sequence[str]) -> tuple[str, list[RegionSpan]]:
@@ -92,17 +127,26 @@ def route(text: str, branches: Sequence[str]) -> tuple[str, list[RegionSpan]]:
     return kind, regions
 
 
-def cap_image(image: Image.Image, max_side: int | None) -> Image.Image:
-    """``image`` downscaled (NEAREST) so that its long side is at most ``max_side``; None means no cap."""
-    width, height = image.size
-    if max_side is None or max(width, height) <= max_side:
-        return image
-    scale = max_side / max(width, height)
-    return image.resize((max(1, int(width * scale)), max(1, int(height * scale))), Image.NEAREST)
+def model_type_of(path: str | os.PathLike) -> str:
+    """The ``model_type`` of a local checkpoint directory; a clear error when it is not one."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise VPTUserError(f"model directory {directory} does not exist (give a local checkpoint directory)")
+    config_file = directory / "config.json"
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except FileNotFoundError:
+        raise VPTUserError(f"{directory} is not a model directory: it has no config.json") from None
+    except (OSError, ValueError, AttributeError) as error:
+        raise VPTUserError(f"cannot read {config_file}: {one_line(error)}") from error
+    return str(model_type)
 
 
-def _load(image: ImageInput) -> Image.Image:
-    return image.convert("RGB") if isinstance(image, Image.Image) else open_image(os.fspath(image))
+def _check_int(name: str, value: Any, low: int, none_ok: bool = False) -> None:
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}{' or None' if none_ok else ''}, got {value!r}")
 
 
 class VPTPipeline:
@@ -113,6 +157,8 @@ class VPTPipeline:
         processor: The matching `VPT_Qwen2VLProcessor`.
     """
 
+    progress_name = "VPT"
+
     def __init__(self, model, processor):
         self.model = model.eval()
         self.processor = processor
@@ -120,11 +166,24 @@ class VPTPipeline:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: Any = "auto", device: str | torch.device | None = None):
         """Load the model and processor saved in ``path`` (a released checkpoint or a ``save_pretrained`` dir)."""
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        cls._check_model_type(path, model_type_of(path))
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+            # The VPT processor class directly: a released checkpoint's processor config may name Qwen2VLProcessor.
+            processor = VPT_Qwen2VLProcessor.from_pretrained(path)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
+            raise VPTUserError(f"cannot load the model in {path}: {one_line(error)}") from error
         if device is not None:
             model.to(device)
-        # The VPT processor class directly: a released checkpoint's processor config may name plain Qwen2VLProcessor.
-        return cls(model, VPT_Qwen2VLProcessor.from_pretrained(path))
+        return cls(model, processor)
+
+    @classmethod
+    def _check_model_type(cls, path, model_type: str) -> None:
+        if model_type in BASELINE_MODEL_TYPES:
+            raise VPTUserError(
+                f"{path} is a plain {model_type} checkpoint without perception tokens; run it with BaselinePipeline "
+                "(one round), or load_pipeline, which picks the class"
+            )
 
     @property
     def branches(self) -> list[str]:
@@ -135,8 +194,11 @@ class VPTPipeline:
     ) -> list[VPTResult]:
         """Answer ``questions`` about ``images`` (one image per question) with the trigger phrase of ``mode``.
 
-        ``mode`` is ``"region"``, ``"reencode"`` or ``"free"`` (no trigger). ``kwargs`` go to [`run`].
+        ``mode`` is ``"region"``, ``"reencode"`` or ``"free"`` (no trigger). Questions are user text: control-token
+        strings and placeholders in them stay plain text. ``kwargs`` go to [`run`].
         """
+        if isinstance(questions, str) or isinstance(images, (str, os.PathLike, Image.Image)):
+            raise ValueError("Give lists: one image and one question per sample")
         return self.run([build_user_text(q, mode) for q in questions], images, **kwargs)
 
     def run(
@@ -147,34 +209,111 @@ class VPTPipeline:
         max_image_side: int | None = 512,
         generation_kwargs: dict[str, Any] | None = None,
         progress: bool | None = None,
+        seeds: Sequence[int] | None = None,
+        on_error: str = "record",
     ) -> list[VPTResult]:
         """Run both rounds on ready round-1 user turns (each with one ``<image>``, e.g. a dataset's first message).
 
         Args:
-            user_texts: The round-1 user turns.
+            user_texts: The round-1 user turns; their placeholders and control tokens keep their meaning.
             images: One image per turn: a PIL image or a path (``"path_x0,y0,x1,y1"`` crops on load).
             batch_size: Samples per generation batch (round 2 runs on the routed samples of each batch).
-            max_image_side: Long-side cap of every image and crop before the processor; None for no cap.
+            max_image_side: Long-side cap of every image and crop before the processor; None or 0 for no cap.
             generation_kwargs: `generate` kwargs over the defaults (greedy, ``max_new_tokens=128``).
             progress: Show a progress bar over batches; by default only when there are at least two.
+            seeds: One seed per sample. With sampling, each sample draws from its own generator (round 1 and
+                round 2), so its answer does not depend on the batch it shares; ignored for greedy decoding.
+            on_error: ``"record"``: a sample whose image cannot be loaded or whose generation fails gets a result
+                with ``error`` set (the others are answered; a failing batch is retried sample by sample);
+                ``"raise"``: raise at once.
         """
-        if len(user_texts) != len(images):
+        if isinstance(user_texts, str) or len(user_texts) != len(images):
             raise ValueError(f"Got {len(user_texts)} texts but {len(images)} images; give one image per text")
+        _check_int("batch_size", batch_size, 1)
+        _check_int("max_image_side", max_image_side, 0, none_ok=True)
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
+        if generation_kwargs is not None and not isinstance(generation_kwargs, dict):
+            raise ValueError(f"generation_kwargs must be a dict, got {type(generation_kwargs).__name__}")
+        if seeds is not None:
+            seeds = list(seeds)
+            if len(seeds) != len(user_texts):
+                raise ValueError(f"Got {len(seeds)} seeds for {len(user_texts)} samples; give one seed per sample")
+            for seed in seeds:
+                _check_int("every seed", seed, 0)
         generation_kwargs = {**_DEFAULT_GENERATION, **(generation_kwargs or {})}
         starts = range(0, len(user_texts), batch_size)
         show = len(starts) >= 2 if progress is None else progress
-        results = []
-        for start in tqdm(starts, desc="VPT", unit="batch", disable=not show):
-            batch = slice(start, start + batch_size)
-            results += self._run_batch(user_texts[batch], images[batch], max_image_side, generation_kwargs)
+        results: list[VPTResult] = []
+        for start in tqdm(starts, desc=self.progress_name, unit="batch", disable=not show):
+            indices = list(range(start, min(start + batch_size, len(user_texts))))
+            results += self._run_records(
+                indices,
+                [user_texts[i] for i in indices],
+                [images[i] for i in indices],
+                None if seeds is None else [seeds[i] for i in indices],
+                max_image_side or None,
+                generation_kwargs,
+                on_error,
+            )
         return results
 
-    def _run_batch(self, user_texts, images, max_image_side, generation_kwargs) -> list[VPTResult]:
-        originals = [_load(image) for image in images]
+    def _run_records(self, indices, user_texts, images, seeds, max_image_side, generation_kwargs, on_error):
+        """One batch: load its images, answer the loadable samples, and keep per-sample errors (``on_error``)."""
+        results: dict[int, VPTResult] = {}
+        loaded = []
+        for k, (index, image) in enumerate(zip(indices, images)):
+            try:
+                loaded.append((k, load_image(image)))
+            except (VPTUserError, OSError, ValueError, TypeError) as error:
+                if on_error == "raise":
+                    raise VPTUserError(f"sample {index}: {one_line(error)}") from error
+                results[k] = _failed(index, error)
+        if loaded:
+            keys = [k for k, _ in loaded]
+            answers = self._answer_or_split(
+                keys,
+                [user_texts[k] for k in keys],
+                [image for _, image in loaded],
+                None if seeds is None else [seeds[k] for k in keys],
+                max_image_side,
+                generation_kwargs,
+                on_error,
+                [indices[k] for k in keys],
+            )
+            results.update(zip(keys, answers))
+        return [results[k] for k in range(len(indices))]
+
+    def _answer_or_split(self, keys, texts, originals, seeds, max_image_side, generation_kwargs, on_error, indices):
+        try:
+            return self._answer(texts, originals, seeds, max_image_side, generation_kwargs)
+        except Exception as error:  # one bad sample (or memory) must not cost the batch: retry the samples alone
+            if on_error == "raise":
+                raise
+            if len(keys) == 1:
+                return [_failed(indices[0], error)]
+            logger.warning("A batch failed (%s); answering its samples one by one", one_line(error))
+            return [
+                answer
+                for i in range(len(keys))
+                for answer in self._answer_or_split(
+                    keys[i : i + 1],
+                    texts[i : i + 1],
+                    originals[i : i + 1],
+                    None if seeds is None else seeds[i : i + 1],
+                    max_image_side,
+                    generation_kwargs,
+                    on_error,
+                    indices[i : i + 1],
+                )
+            ]
+
+    def _answer(self, user_texts, originals, seeds, max_image_side, generation_kwargs) -> list[VPTResult]:
+        """Both rounds for samples whose images are loaded."""
         shown = [cap_image(image, max_image_side) for image in originals]
         first_turns = [[{"role": "user", "content": text}] for text in user_texts]
         round1 = self._generate(
-            [self._request(turn, [image]) for turn, image in zip(first_turns, shown)], generation_kwargs
+            [self._request(turn, [image]) for turn, image in zip(first_turns, shown)], generation_kwargs, seeds
         )
 
         results, followups = [], {}
@@ -188,11 +327,12 @@ class VPTPipeline:
             elif action in BRANCH_TOKENS:
                 followups[i] = self._reencode_followup(first_turns[i], action, originals[i], shown[i])
             if i in followups:
-                result.round2_prompt = followups[i].prompt
+                result.round2_prompt = strip_literal_markers(followups[i].prompt)
             results.append(result)
 
         if followups:
-            answers = self._generate(list(followups.values()), generation_kwargs)
+            round2_seeds = None if seeds is None else [seeds[i] + _ROUND_SEED_STRIDE for i in followups]
+            answers = self._generate(list(followups.values()), generation_kwargs, round2_seeds)
             for i, answer in zip(followups, answers):
                 results[i].answer = answer.strip()
         return results
@@ -224,7 +364,7 @@ class VPTPipeline:
         return self._request(messages, [shown], {tokens.images_key: [reencoded]})
 
     @torch.inference_mode()
-    def _generate(self, requests: list[_Request], generation_kwargs: dict[str, Any]) -> list[str]:
+    def _generate(self, requests: list[_Request], generation_kwargs: dict[str, Any], seeds=None) -> list[str]:
         """Continue every request in one left-padded batch; the decoded new text of each."""
         extra_keys = {key for r in requests for key in r.extra}
         inputs = self.processor(
@@ -235,6 +375,56 @@ class VPTPipeline:
             padding_side="left",
             return_tensors="pt",
         ).to(self.model.device)
+        if seeds is not None:
+            generation_kwargs = seeded_sampling_kwargs(generation_kwargs, seeds, self.model.generation_config)
         generation_kwargs = {"pad_token_id": self.processor.tokenizer.pad_token_id, **generation_kwargs}
         output = self.model.generate(**inputs, **generation_kwargs)
         return self.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+class BaselinePipeline(VPTPipeline):
+    """A plain Qwen2-VL checkpoint in one round, with `VPTPipeline`'s interface, images and user-text rules.
+
+    The evaluation gives it the question without the trigger phrase (the phrases ask for perception tokens a plain
+    Qwen2-VL does not have); its results carry action ``"none"``.
+    """
+
+    progress_name = "Qwen2-VL"
+
+    @classmethod
+    def _check_model_type(cls, path, model_type: str) -> None:
+        if model_type not in BASELINE_MODEL_TYPES:
+            raise VPTUserError(
+                f"{path} is a {model_type} checkpoint, not a plain {' or '.join(BASELINE_MODEL_TYPES)} one; run it "
+                "with VPTPipeline, or load_pipeline, which picks the class"
+            )
+
+    @property
+    def branches(self) -> list[str]:
+        return []
+
+    def __call__(self, images, questions, mode: str = "free", **kwargs) -> list[VPTResult]:
+        """Answer ``questions`` about ``images``; the baseline has no trigger phrase (``mode`` must be ``"free"``)."""
+        if mode != "free":
+            raise ValueError(f"The one-round baseline has no perception tokens: mode must be 'free', got {mode!r}")
+        return super().__call__(images, questions, mode="free", **kwargs)
+
+    def _answer(self, user_texts, originals, seeds, max_image_side, generation_kwargs) -> list[VPTResult]:
+        requests = [
+            self._request([{"role": "user", "content": text}], [cap_image(image, max_image_side)])
+            for text, image in zip(user_texts, originals)
+        ]
+        answers = self._generate(requests, generation_kwargs, seeds)
+        return [VPTResult(answer=text.strip(), round1_text=text, action="none") for text in answers]
+
+
+def load_pipeline(path: str | os.PathLike, dtype: Any = "auto", device: str | torch.device | None = None):
+    """`BaselinePipeline` for a plain Qwen2-VL checkpoint, else `VPTPipeline`."""
+    kind = BaselinePipeline if model_type_of(path) in BASELINE_MODEL_TYPES else VPTPipeline
+    return kind.from_pretrained(path, dtype=dtype, device=device)
+
+
+def _failed(index: int, error: BaseException) -> VPTResult:
+    message = one_line(error)
+    logger.warning("Sample %d not answered: %s", index, message)
+    return VPTResult(answer="", round1_text="", action="error", error=message)

@@ -172,11 +172,7 @@ def join_crop_path(path: str, box: Box) -> str:
 
 
 def open_image(path: str) -> Image.Image:
-    """Open a plain or crop path as an RGB image; a crop box reaching outside the image is an error, not padding."""
-    real_path, box = split_crop_path(path)
-    with Image.open(real_path) as source:
-        if box is None:
-            return source.convert("RGB")
-        if box[2] > source.width or box[3] > source.height:
-            raise ValueError(f"Crop box {box} of {path!r} lies outside the {source.width}x{source.height} image")
-        return source.crop(box).convert("RGB")
+    """Open a plain or crop path as an RGB image in viewer pixels: `transformers_vpt.images.load_image`."""
+    from .images import load_image
+
+    return load_image(path)

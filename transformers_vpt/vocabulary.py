@@ -196,3 +196,17 @@ def fill_config_token_ids(config, tokenizer) -> None:
         setattr(config, branch.action_start_id_field, token_id(tokenizer, branch.action_start))
     config.para_start_id = token_id(tokenizer, IM_START)
     config.para_end_id = token_id(tokenizer, IM_END)
+
+
+# User text that must stay text. Private-use code points bracket it through rendering and placeholder expansion;
+# the processor tokenizes what lies between them without matching any added token, then drops them.
+LITERAL_START = "\ue000"
+LITERAL_END = "\ue001"
+
+
+def literal_text(text: str) -> str:
+    """``text`` marked so that the processor tokenizes it as plain text: a control-token string (``<|x_1|>``,
+    ``<|detection_action|>``, ``<|image_pad|>``) or a dataset placeholder (``<image>``) in it never becomes a
+    control token or an image slot. Text without ``<`` is returned unchanged (it cannot hold either)."""
+    text = text.replace(LITERAL_START, "").replace(LITERAL_END, "")
+    return LITERAL_START + text + LITERAL_END if "<" in text else text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
 from collections import Counter
@@ -10,17 +11,23 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image
+from tokenizers import Tokenizer
 from transformers import BitImageProcessor, SamImageProcessor
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, load_image
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+from transformers.image_utils import load_image as load_remote_image
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor, Qwen2VLProcessorKwargs
 
+from ...images import load_image
 from ...vocabulary import (
     BRANCH_TOKENS,
     IM_END,
     IM_START,
     IMAGE_PAD,
     IMAGE_PLACEHOLDER,
+    LITERAL_END,
+    LITERAL_START,
     VIDEO_PAD,
     VIDEO_PLACEHOLDER,
     VISION_END,
@@ -81,6 +88,44 @@ _PLACEHOLDERS = {
     **{pad: (kind, False) for kind, pad in _PAD_TOKENS.items()},
 }
 _PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in _PLACEHOLDERS))
+_LITERAL_RE = re.compile(f"{LITERAL_START}(.*?){LITERAL_END}", re.DOTALL)
+
+
+def split_literal(text: str) -> list[tuple[str, bool]]:
+    """``text`` as ``(segment, is_literal)`` pairs: literal segments are the user text marked by
+    `transformers_vpt.vocabulary.literal_text` (markers dropped); stray markers are dropped too."""
+    segments, position = [], 0
+    for match in _LITERAL_RE.finditer(text):
+        segments += [(text[position : match.start()], False), (match.group(1), True)]
+        position = match.end()
+    segments.append((text[position:], False))
+    return [
+        (segment.replace(LITERAL_START, "").replace(LITERAL_END, ""), literal)
+        for segment, literal in segments
+        if segment
+    ]
+
+
+def strip_literal_markers(text: str) -> str:
+    """``text`` as a person reads it: the literal-text markers removed."""
+    return text.replace(LITERAL_START, "").replace(LITERAL_END, "")
+
+
+def _outside_literals(text: str, transform) -> str:
+    """Apply ``transform`` to the parts of ``text`` outside literal spans; the spans keep their markers."""
+    parts, position = [], 0
+    for match in _LITERAL_RE.finditer(text):
+        parts += [transform(text[position : match.start()]), match.group(0)]
+        position = match.end()
+    parts.append(transform(text[position:]))
+    return "".join(parts)
+
+
+def _channels_last(processor: Any, images: list) -> dict[str, str]:
+    """``input_data_format`` for PIL images and a slow (NumPy) image processor: explicit, so that an image 1 or 3
+    pixels high is not read as channels-first. Fast processors convert PIL images to CHW tensors themselves."""
+    pil = images and all(isinstance(image, Image.Image) for image in images)
+    return {"input_data_format": "channels_last"} if pil and not getattr(processor, "is_fast", False) else {}
 
 
 def _build_chat_template() -> str:
@@ -146,6 +191,38 @@ def _normalize_kind(kind: str) -> str:
     if kind not in MODALITIES:
         raise ValueError(f"Unknown visual input kind {kind!r}; choose from {list(MODALITIES)}")
     return kind
+
+
+_IMAGE_PART_TYPES = ("image", *(f"{branch.prefix}_image" for branch in BRANCH_TOKENS.values()))
+
+
+def _parts(message: Mapping[str, Any]) -> list:
+    content = message["content"]
+    return [] if isinstance(content, str) else content
+
+
+def _load_part_image(value: Any) -> Any:
+    """A content part's image through the project's loader (EXIF, 16-bit); URLs and base64 through transformers'."""
+    if isinstance(value, str) and (value.startswith(("http://", "https://", "data:")) or ";base64," in value):
+        return load_remote_image(value)
+    return load_image(value)
+
+
+def _with_loaded_images(conversation: list) -> list:
+    """``conversation`` with every image content part's ``image`` / ``url`` / ``path`` loaded into ``image``."""
+    loaded = []
+    for message in conversation:
+        if isinstance(message["content"], str):
+            loaded.append(message)
+            continue
+        parts = []
+        for part in message["content"]:
+            key = next((k for k in ("image", "url", "path") if k in part), None)
+            if part.get("type") in _IMAGE_PART_TYPES and key is not None:
+                part = {**{k: v for k, v in part.items() if k not in ("url", "path")}, "image": _load_part_image(part[key])}
+            parts.append(part)
+        loaded.append({**message, "content": parts})
+    return loaded
 
 
 class VPT_Qwen2VLProcessor(Qwen2VLProcessor):
@@ -255,13 +332,15 @@ class VPT_Qwen2VLProcessor(Qwen2VLProcessor):
         """
         kind = _normalize_kind(kind)
         images_kwargs.setdefault("return_tensors", "pt")
+        flat = images if isinstance(images, (list, tuple)) else [images]
         if kind == "clip":
+            images_kwargs = {**_channels_last(self.image_processor, flat), **images_kwargs}
             outputs = self.image_processor(images=images, **images_kwargs)
             return {"clip_pixel_values": outputs["pixel_values"], "clip_images_grid_thw": outputs["image_grid_thw"]}
         if kind not in ("detection", "seg"):
             raise ValueError(f"{kind!r} is not a VPT re-encoding kind; choose from {list(EXTRA_MODALITIES)}")
         processor = self.detection_processor if kind == "detection" else self.seg_processor
-        outputs = processor(images, return_tensors=images_kwargs["return_tensors"])
+        outputs = processor(images, return_tensors=images_kwargs["return_tensors"], **_channels_last(processor, flat))
         return {branch_by_prefix(kind).images_key: outputs["pixel_values"]}
 
     def expand_placeholders(
@@ -305,7 +384,9 @@ class VPT_Qwen2VLProcessor(Qwen2VLProcessor):
             "seg": [self.seg_image_seqlen] * num_seg_images,
             "clip": grid_tokens("clip", clip_grid_thw),
         }
-        counts = [Counter(_PLACEHOLDERS[m][0] for m in _PLACEHOLDER_RE.findall(t)) for t in texts]
+        counts = [
+            Counter(_PLACEHOLDERS[m][0] for m in _PLACEHOLDER_RE.findall(_LITERAL_RE.sub("", t))) for t in texts
+        ]
         for kind, sizes in tokens_per_input.items():
             self._check_placeholder_counts(
                 kind, [c[kind] for c in counts], len(sizes), (images_per_sample or {}).get(kind)
@@ -318,7 +399,7 @@ class VPT_Qwen2VLProcessor(Qwen2VLProcessor):
             pads = _PAD_TOKENS[kind] * next(remaining[kind])
             return VISION_START + pads + VISION_END if wrap else pads
 
-        return [_PLACEHOLDER_RE.sub(expand, t) for t in texts]
+        return [_outside_literals(t, lambda part: _PLACEHOLDER_RE.sub(expand, part)) for t in texts]
 
     def _check_placeholder_counts(
         self, kind: str, placeholders: list[int], num_inputs: int, inputs_per_sample: Sequence[int] | None
@@ -396,7 +477,8 @@ class VPT_Qwen2VLProcessor(Qwen2VLProcessor):
             if not flat:
                 continue
             if kind == "image":
-                inputs.update(self.image_processor(images=flat, **output_kwargs["images_kwargs"]))
+                images_kwargs = {**_channels_last(self.image_processor, flat), **output_kwargs["images_kwargs"]}
+                inputs.update(self.image_processor(images=flat, **images_kwargs))
             else:
                 inputs.update(self.preprocess_extra_images(kind, flat, **output_kwargs["images_kwargs"]))
         if videos is not None:
@@ -411,15 +493,54 @@ class VPT_Qwen2VLProcessor(Qwen2VLProcessor):
             num_seg_images=len(inputs.get("seg_images", ())),
             images_per_sample=per_sample,
         )
-        text_inputs = self.tokenizer(texts, **text_kwargs, return_tensors=None)
+        text_inputs = self._tokenize(texts, text_kwargs)
         self._check_pad_counts(texts, text_inputs["input_ids"])
         if return_mm_token_type_ids:
             ids = np.array(text_inputs["input_ids"])
             text_inputs["mm_token_type_ids"] = (ids == self.image_token_id).astype(np.int64).tolist()
         return BatchFeature(data={**text_inputs, **inputs}, tensor_type=return_tensors)
 
+    def _tokenize(self, texts: list[str], text_kwargs: dict[str, Any]) -> dict[str, list]:
+        """Tokenize ``texts``; literal spans (`vocabulary.literal_text`) are tokenized as plain text, matching no
+        added token, so that user text never becomes a control token or an image slot."""
+        if not any(LITERAL_START in text for text in texts):
+            return self.tokenizer(texts, **text_kwargs, return_tensors=None)
+        plain = self._plain_tokenizer()
+        ids = []
+        for text in texts:
+            row = []
+            for segment, literal in split_literal(text):
+                if literal:
+                    row += plain.encode(segment, add_special_tokens=False).ids
+                else:
+                    row += self.tokenizer(segment, add_special_tokens=False)["input_ids"]
+            ids.append(row)
+        if text_kwargs.get("truncation") and text_kwargs.get("max_length"):
+            side, limit = self.tokenizer.truncation_side, text_kwargs["max_length"]
+            ids = [row[:limit] if side == "right" else row[-limit:] for row in ids]
+        # the advice to call `__call__` instead of `pad` does not apply: the ids are not the tokenizer's own
+        self.tokenizer.deprecation_warnings["Asking-to-pad-a-fast-tokenizer"] = True
+        pad_keys = ("padding", "max_length", "pad_to_multiple_of", "padding_side", "return_attention_mask")
+        return dict(self.tokenizer.pad({"input_ids": ids}, **{k: text_kwargs[k] for k in pad_keys if k in text_kwargs}))
+
+    def _plain_tokenizer(self) -> Tokenizer:
+        """The tokenizer's backend without its added tokens (built once): how plain text of the same characters
+        tokenizes."""
+        if getattr(self, "_plain_backend", None) is None:
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            if backend is None:
+                raise ValueError(
+                    f"Literal user text needs a fast tokenizer, got {type(self.tokenizer).__name__}; load the "
+                    "processor with use_fast=True"
+                )
+            spec = json.loads(backend.to_str())
+            spec["added_tokens"] = []
+            self._plain_backend = Tokenizer.from_str(json.dumps(spec))
+        return self._plain_backend
+
     def _check_pad_counts(self, texts: list[str], input_ids: list[list[int]]) -> None:
         """Raise if tokenization (e.g. truncation) changed the number of pad tokens of any kind."""
+        texts = [_LITERAL_RE.sub("", text) for text in texts]
         for kind, pad in _PAD_TOKENS.items():
             pad_id = self.pad_token_id(kind)
             if pad_id is None:
@@ -442,19 +563,12 @@ class VPT_Qwen2VLProcessor(Qwen2VLProcessor):
         """
         if kwargs.get("tokenize", False):
             is_batched = isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "content")
-            conversations = conversation if is_batched else [conversation]
+            conversations = [_with_loaded_images(conv) for conv in (conversation if is_batched else [conversation])]
+            conversation = conversations if is_batched else conversations[0]
             for branch in BRANCH_TOKENS.values():
                 part_type = f"{branch.prefix}_image"
                 per_conversation = [
-                    [
-                        load_image(part[key])
-                        for message in conv
-                        if not isinstance(message["content"], str)
-                        for part in message["content"]
-                        if part["type"] == part_type
-                        for key in ("image", "url", "path")
-                        if key in part
-                    ]
+                    [part["image"] for message in conv for part in _parts(message) if part["type"] == part_type]
                     for conv in conversations
                 ]
                 if any(per_conversation):
@@ -462,4 +576,4 @@ class VPT_Qwen2VLProcessor(Qwen2VLProcessor):
         return super().apply_chat_template(conversation, chat_template, **kwargs)
 
 
-__all__ = ["VPT_Qwen2VLProcessor"]
+__all__ = ["VPT_Qwen2VLProcessor", "split_literal", "strip_literal_markers"]
