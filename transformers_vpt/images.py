@@ -47,7 +47,7 @@ def _to_8bit(image: Image.Image) -> Image.Image:
         values = np.nan_to_num(values * scale, nan=0.0, posinf=255.0, neginf=0.0)
     else:
         values = values.astype(np.float64) / 257.0
-    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
