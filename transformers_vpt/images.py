@@ -23,7 +23,26 @@ from PIL import Image, ImageOps
 
 from .errors import VPTUserError
 
-__all__ = ["ImageInput", "ImageLoadError", "cap_image", "image_size", "load_image", "to_rgb"]
+__all__ = [
+    "IMAGE_RESOLUTION",
+    "MIN_IMAGE_SIDE",
+    "ImageInput",
+    "ImageLoadError",
+    "cap_image",
+    "fit_image",
+    "image_size",
+    "load_image",
+    "to_rgb",
+]
+
+IMAGE_RESOLUTION = 512
+"""The released long-side cap (``image_resolution``) of every image the Qwen-VL tower sees, and of DINOv2 inputs."""
+SEG_IMAGE_RESOLUTION = 1024
+"""The released long-side cap of SAM inputs."""
+MIN_IMAGE_SIDE = 28
+"""Sides shorter than this are stretched to it (released rule; one 28-pixel patch of Qwen2-VL's 2x2 merge)."""
+MAX_ASPECT_RATIO = 200
+"""A longer/shorter side ratio above this is squeezed to 180:1 (released rule; Qwen2-VL refuses more than 200)."""
 
 ImageInput = Union[Image.Image, str, os.PathLike]
 
@@ -126,3 +145,20 @@ def cap_image(image: Image.Image, max_side: int | None) -> Image.Image:
         return image
     scale = max_side / max(width, height)
     return image.resize((max(1, int(width * scale)), max(1, int(height * scale))), Image.NEAREST)
+
+
+def fit_image(image: Image.Image, max_side: int | None = IMAGE_RESOLUTION) -> Image.Image:
+    """The released image rule, applied before every image processor (main images, crops, re-encoded images).
+
+    1. the long side is capped at ``max_side`` (`cap_image`: NEAREST, sides truncated; None or 0: no cap);
+    2. a side under `MIN_IMAGE_SIDE` is stretched to it, the other side kept (NEAREST);
+    3. an aspect ratio over `MAX_ASPECT_RATIO` is squeezed to 180:1 (NEAREST).
+    """
+    image = cap_image(image, max_side)
+    if min(image.size) < MIN_IMAGE_SIDE:
+        image = image.resize((max(image.width, MIN_IMAGE_SIDE), max(image.height, MIN_IMAGE_SIDE)), Image.NEAREST)
+    if image.width / image.height > MAX_ASPECT_RATIO:
+        image = image.resize((image.height * 180, image.height), Image.NEAREST)
+    elif image.height / image.width > MAX_ASPECT_RATIO:
+        image = image.resize((image.width, image.width * 180), Image.NEAREST)
+    return image

@@ -37,7 +37,7 @@ from transformers import AutoModelForImageTextToText
 
 from .errors import VPTUserError, one_line
 from .generation import seeded_sampling_kwargs
-from .images import ImageInput, cap_image, load_image
+from .images import IMAGE_RESOLUTION, SEG_IMAGE_RESOLUTION, ImageInput, cap_image, fit_image, load_image
 from .models.qwen2_vl_vpt.processing_qwen2_vl_vpt import VPT_Qwen2VLProcessor, strip_literal_markers
 from .regions import Box, RegionSpan, crop_regions, parse_regions
 from .vocabulary import BRANCH_TOKENS, IMAGE_PLACEHOLDER, REENCODE_TRIGGER, REGION_TRIGGER, literal_text
@@ -64,7 +64,7 @@ error in that record's `VPTResult.error` (``"record"``, the default), or raise a
 _TRIGGER_SUFFIX = {"region": " \n" + REGION_TRIGGER, "reencode": "\n" + REENCODE_TRIGGER, "free": ""}
 # Long-side caps of the released preprocessing for re-encoded images; CLIP re-encodes the round-1 image itself,
 # so its features equal the round-1 ones and only the conditioned projection differs.
-_REENCODE_MAX_SIDE = {"dino": 512, "sam": 1024}
+_REENCODE_MAX_SIDE = {"dino": IMAGE_RESOLUTION, "sam": SEG_IMAGE_RESOLUTION}
 _DEFAULT_GENERATION = {"do_sample": False, "max_new_tokens": 128}
 _ROUND_SEED_STRIDE = 1_000_003  # round 2 of a record draws from another stream than its round 1
 BASELINE_MODEL_TYPES = ("qwen2_vl",)
@@ -206,7 +206,7 @@ class VPTPipeline:
         user_texts: Sequence[str],
         images: Sequence[ImageInput],
         batch_size: int = 8,
-        max_image_side: int | None = 512,
+        max_image_side: int | None = IMAGE_RESOLUTION,
         generation_kwargs: dict[str, Any] | None = None,
         progress: bool | None = None,
         seeds: Sequence[int] | None = None,
@@ -218,7 +218,8 @@ class VPTPipeline:
             user_texts: The round-1 user turns; their placeholders and control tokens keep their meaning.
             images: One image per turn: a PIL image or a path (``"path_x0,y0,x1,y1"`` crops on load).
             batch_size: Samples per generation batch (round 2 runs on the routed samples of each batch).
-            max_image_side: Long-side cap of every image and crop before the processor; None or 0 for no cap.
+            max_image_side: Long-side cap of every image and crop before the processor (the released
+                ``image_resolution``); None or 0 for no cap. `images.fit_image` is the whole rule.
             generation_kwargs: `generate` kwargs over the defaults (greedy, ``max_new_tokens=128``).
             progress: Show a progress bar over batches; by default only when there are at least two.
             seeds: One seed per sample. With sampling, each sample draws from its own generator (round 1 and
@@ -310,7 +311,7 @@ class VPTPipeline:
 
     def _answer(self, user_texts, originals, seeds, max_image_side, generation_kwargs) -> list[VPTResult]:
         """Both rounds for samples whose images are loaded."""
-        shown = [cap_image(image, max_image_side) for image in originals]
+        shown = [fit_image(image, max_image_side) for image in originals]
         first_turns = [[{"role": "user", "content": text}] for text in user_texts]
         round1 = self._generate(
             [self._request(turn, [image]) for turn, image in zip(first_turns, shown)], generation_kwargs, seeds
@@ -351,7 +352,7 @@ class VPTPipeline:
             {"role": "assistant", "content": round1_text},
             {"role": "user", "content": crop_turn},
         ]
-        return self._request(messages, [shown] + [cap_image(crop, max_image_side) for _, crop in crops])
+        return self._request(messages, [shown] + [fit_image(crop, max_image_side) for _, crop in crops])
 
     def _reencode_followup(self, first_turn, kind, original, shown) -> _Request:
         """Round 2 of a re-encoding answer: the canonical action triple, then the original for the branch."""
@@ -360,7 +361,7 @@ class VPTPipeline:
             {"role": "assistant", "content": tokens.action_triple},
             {"role": "user", "content": tokens.placeholder},
         ]
-        reencoded = shown if kind == "clip" else cap_image(original, _REENCODE_MAX_SIDE[kind])
+        reencoded = shown if kind == "clip" else fit_image(original, _REENCODE_MAX_SIDE[kind])
         return self._request(messages, [shown], {tokens.images_key: [reencoded]})
 
     @torch.inference_mode()
@@ -411,7 +412,7 @@ class BaselinePipeline(VPTPipeline):
 
     def _answer(self, user_texts, originals, seeds, max_image_side, generation_kwargs) -> list[VPTResult]:
         requests = [
-            self._request([{"role": "user", "content": text}], [cap_image(image, max_image_side)])
+            self._request([{"role": "user", "content": text}], [fit_image(image, max_image_side)])
             for text, image in zip(user_texts, originals)
         ]
         answers = self._generate(requests, generation_kwargs, seeds)
