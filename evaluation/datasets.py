@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
+from transformers_vpt.errors import VPTUserError
+from transformers_vpt.images import ImageLoadError, image_size
 from transformers_vpt.pipeline import build_user_text
 from transformers_vpt.regions import split_crop_path
 from transformers_vpt.vocabulary import (
@@ -26,6 +26,7 @@ from transformers_vpt.vocabulary import (
 )
 
 from .metrics import ground_truth
+from .storage import name_problem
 
 RELEASED_TEST_SETS = (
     "DocVQA_region_test_8cut",
@@ -53,8 +54,8 @@ _TRIGGERS = re.compile(r"\s*(?:" + "|".join(map(re.escape, (REGION_TRIGGER, REEN
 _OTHER_PLACEHOLDERS = (VIDEO_PLACEHOLDER, *(branch.placeholder for branch in BRANCH_TOKENS.values()))
 
 
-class DatasetError(ValueError):
-    """A dataset that cannot be evaluated at all (missing file, not a JSON list)."""
+class DatasetError(VPTUserError):
+    """A dataset that cannot be evaluated at all (missing file, not a JSON list, a name that is not a file name)."""
 
 
 class BrokenRecord(ValueError):
@@ -89,10 +90,16 @@ def find_datasets(data_dir: str | os.PathLike, names: list[str] | None = None) -
     if names is None:
         order = {name: rank for rank, name in enumerate(RELEASED_TEST_SETS)}
         paths = sorted(data_dir.glob(TEST_SPLIT_GLOB), key=lambda p: (order.get(p.stem, len(order)), p.stem))
-        found = {path.stem: path for path in paths}
+        found = {path.stem: path for path in paths if name_problem(path.stem) is None}  # no hidden files
         if not found:
             raise DatasetError(f"no {TEST_SPLIT_GLOB} files in {data_dir}")
         return found
+    for name in names:
+        if (problem := name_problem(name.removesuffix(".json"))) is not None:
+            raise DatasetError(
+                f"--datasets {name!r} is not a dataset name ({problem}): give split file names in --data-dir "
+                "without folders, e.g. POPE_action_test"
+            )
     files = {name.removesuffix(".json"): data_dir / (name.removesuffix(".json") + ".json") for name in names}
     missing = sorted(name for name, path in files.items() if not path.is_file())
     if missing:
@@ -112,15 +119,21 @@ def load_records(path: Path) -> list[Any]:
 
 def prompt_for_mode(question: str, mode: str) -> str:
     """The round-1 user turn for ``mode``: ``question`` itself for ``keep``, else the released layout
-    ``"<image>\\n{question}{trigger}"`` with the record's trigger phrases removed and ``mode``'s added."""
+    ``"<image>\\n{question}{trigger}"`` with the record's trigger phrases removed and ``mode``'s added.
+
+    The record's text keeps its meaning (placeholders and control tokens are not made literal), as in ``keep``."""
     if mode == "keep":
         return question
     bare = _TRIGGERS.sub("", question).replace(IMAGE_PLACEHOLDER, "", 1).strip()
-    return build_user_text(bare, mode)
+    return build_user_text(bare, mode, literal=False)
 
 
 def make_item(index: int, record: Any, media_dir: str | os.PathLike) -> Item:
-    """The item of a record; `BrokenRecord` says why a record cannot be evaluated."""
+    """The item of a record; `BrokenRecord` says why a record cannot be evaluated.
+
+    The image is checked from its header only: it exists, `transformers_vpt.images.image_size` can read it (a
+    decompression bomb cannot), and a crop suffix lies inside it in viewer pixels, the pixels `load_image` crops in.
+    """
     if not isinstance(record, dict):
         raise BrokenRecord("the record is not a JSON object")
     messages = record.get("messages")
@@ -155,10 +168,9 @@ def make_item(index: int, record: Any, media_dir: str | os.PathLike) -> Item:
     if not os.path.isfile(real_path):
         raise BrokenRecord(f"missing image file {real_path}")
     try:
-        with Image.open(real_path) as image:  # reads the header only
-            width, height = image.size
-    except OSError as error:
-        raise BrokenRecord(f"unreadable image {real_path}: {error}") from error
+        width, height = image_size(real_path)  # viewer pixels (EXIF orientation applied), from the header
+    except ImageLoadError as error:  # unreadable, or too large to decode safely (a decompression bomb)
+        raise BrokenRecord(str(error)) from error
     if box is not None and (box[2] > width or box[3] > height):
         raise BrokenRecord(f"crop box {box} lies outside the {width}x{height} image {real_path}")
     return Item(index, question, images[0], image_path, reference)

@@ -7,7 +7,9 @@ Qwen2-VL checkpoint (config ``model_type`` ``qwen2_vl``) is the baseline: one ro
 Answers are scored with the judge-free metric of each dataset and, given ``--judge-base-url``, by the LLM judge.
 
 Runs are resumable: every batch of answers is appended to ``answers.jsonl`` and synced; a rerun with the same
-settings answers only the missing records, then rescores everything (judge replies are cached).
+settings answers only the missing records, then rescores everything (judge replies are cached). Sampling draws each
+record from its own generator (seed + record index), so a resumed run gives the answers of an uninterrupted one
+whatever the batch boundaries. One run at a time writes into an output directory (it holds ``<output-dir>/.lock``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from typing import Any
 import torch
 import yaml
 from tqdm.auto import tqdm
-from transformers import set_seed
 
 from evaluation.baseline import BaselinePipeline
 from evaluation.datasets import (
@@ -45,20 +46,30 @@ from evaluation.datasets import (
     prepare_items,
     prompt_for_mode,
 )
-from evaluation.judge import JudgeClient
+from evaluation.judge import SCORE_RULES, JudgeClient
 from evaluation.report import write_reports
 from evaluation.scoring import score
-from evaluation.storage import AnswerLog, read_json, write_json
+from evaluation.storage import (
+    AnswerLog,
+    OutputDirError,
+    exclusive_run,
+    name_problem,
+    output_path,
+    prepare_output_dir,
+    read_json,
+    write_json,
+)
 from transformers_vpt import VPT_Qwen2VLConfig, VRT_Qwen2VLConfig
-from transformers_vpt.pipeline import VPTPipeline, VPTResult
-from transformers_vpt.regions import open_image
+from transformers_vpt.errors import DEBUG_ENV, VPTUserError, one_line, run_cli
+from transformers_vpt.images import ImageLoadError, load_image
+from transformers_vpt.pipeline import VPTPipeline, VPTResult, model_type_of
 
 logger = logging.getLogger("evaluation")
 
 MODEL_KINDS = {"qwen2_vl": "baseline", VPT_Qwen2VLConfig.model_type: "vpt", VRT_Qwen2VLConfig.model_type: "vpt"}
 
 
-class ConfigError(ValueError):
+class ConfigError(VPTUserError):
     """A usage error found after parsing (models, data, settings of an earlier run); exit status 2."""
 
 
@@ -87,6 +98,7 @@ class EvalConfig:
     judge_model: str = "gpt-4o"
     judge_api_key_env: str = "OPENAI_API_KEY"
     judge_concurrency: int = 8
+    judge_score_rule: str = "strict"
     region_meta: str | None = None
 
     def generation_kwargs(self) -> dict[str, Any]:
@@ -170,7 +182,9 @@ examples:
   python evaluation/evaluation.py --model saves/vpt-2b-det --model qwen2vl=Qwen2-VL-2B-Instruct --data-dir data
   python evaluation/evaluation.py --config evaluation/evaluation.yaml --limit 100 --greedy
 
-exit status: 0 when something was evaluated, 1 when nothing could be, 2 on usage errors.""",
+exit status: 0 when something was evaluated, 1 when nothing could be, 2 on usage errors and on errors that stop
+the run (a missing model or data directory, an unusable or busy --output-dir, a model that cannot be loaded): one
+line on stderr naming the problem (--debug shows the traceback).""",
     )
     parser.add_argument(
         "--config",
@@ -240,10 +254,10 @@ exit status: 0 when something was evaluated, 1 when nothing could be, 2 on usage
     inference.add_argument("--top-p", type=float, metavar="P", help="sampling top-p" + _default("top_p"))
     inference.add_argument(
         "--seed",
-        type=int,
+        type=_int_at_least(0),
         metavar="N",
-        help="seed; each batch is seeded with seed + its first record index, so resumed batches repeat"
-        + _default("seed"),
+        help="sampling seed; record i draws its tokens from its own generator seeded with N + i, so answers do not "
+        "depend on --batch-size or on where a run was resumed" + _default("seed"),
     )
     inference.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     inference.add_argument(
@@ -265,7 +279,21 @@ exit status: 0 when something was evaluated, 1 when nothing could be, 2 on usage
         metavar="N",
         help="parallel requests" + _default("judge_concurrency"),
     )
+    judge.add_argument(
+        "--judge-score-rule",
+        choices=SCORE_RULES,
+        help="strict: the number after 'score:' (else the reply's only number), valid only in [0, 1]; a reply "
+        "without one is asked again once, then the answer is unscored (left out of the mean, counted in the "
+        'summary). upstream: the released rule, first match of [01]\\.?\\d*, 0 when none ("score: 10" gives 10), '
+        "for comparisons with the published table. Replies are cached, so switching rules sends no request"
+        + _default("judge_score_rule"),
+    )
     parser.add_argument("--output-dir", metavar="DIR", help="where results go" + _default("output_dir"))
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the traceback of an error instead of one line (also {DEBUG_ENV}=1)",
+    )
     return parser
 
 
@@ -297,6 +325,7 @@ def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
     """Options from ``argv`` over those of ``--config``, over the defaults; usage errors exit with status 2."""
     parser = build_parser()
     values = vars(parser.parse_args(argv))
+    values.pop("debug", None)  # read by `run_cli` from argv
     if "config" in values:
         values = vars(parser.parse_args(_config_file_argv(values.pop("config"), parser))) | values
     missing = [f"--{name.replace('_', '-')}" for name in ("model", "data_dir") if name not in values]
@@ -309,19 +338,22 @@ def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
 
 
 def resolve_models(specs: Sequence[str]) -> list[ModelSpec]:
+    """The models of ``--model [NAME=]DIR`` options: local checkpoint directories of a known type, unique names."""
     models = []
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep:
             name, path = Path(spec).resolve().name, spec
-        config_file = Path(path) / "config.json"
-        if not config_file.is_file():
-            raise ConfigError(f"--model {spec}: {path} is not a model directory (no config.json)")
-        model_type = read_json(config_file).get("model_type")
+        try:
+            model_type = model_type_of(path)
+        except VPTUserError as error:
+            raise ConfigError(f"--model {spec}: {error}") from error
         if model_type not in MODEL_KINDS:
             raise ConfigError(f"--model {spec}: model_type {model_type!r} is neither Qwen2-VL nor VPT")
-        if not name or "/" in name or name.startswith("."):
-            raise ConfigError(f"--model {spec}: {name!r} cannot name an output folder")
+        if (problem := name_problem(name)) is not None:
+            raise ConfigError(
+                f"--model {spec}: {name!r} cannot name an output folder ({problem}); use --model NAME=DIR"
+            )
         models.append(ModelSpec(name, Path(path), MODEL_KINDS[model_type]))
     names = [model.name for model in models]
     if duplicates := sorted({name for name in names if names.count(name) > 1}):
@@ -352,6 +384,7 @@ class Evaluator:
         self.output_dir = Path(config.output_dir)
         self.generation = config.generation_kwargs()
         self.generation_overrides = generation_overrides or {}
+        self.load_errors: dict[str, str] = {}
         self.targets = load_region_targets(config.region_meta)
         self.models = resolve_models(config.model)
         try:
@@ -388,10 +421,15 @@ class Evaluator:
             "dtype": self.config.dtype,
             "generation": self.generation,
             "seed": self.config.seed,
+            # Sampled answers of older versions were seeded per batch; they must not be mixed with per-record ones.
+            **({"seeding": "per_record"} if self.generation.get("do_sample") else {}),
         }
 
     def _open_pair(self, model: ModelSpec, dataset: str, items: list[Item], problems: list[dict]) -> Pair:
-        directory = self.output_dir / model.name / dataset
+        try:
+            directory = output_path(self.output_dir, model.name, dataset)
+        except OutputDirError as error:
+            raise ConfigError(f"{model.name} / {dataset}: {error}") from error
         settings_file = directory / "settings.json"
         if settings_file.exists():
             saved, current = read_json(settings_file), json.loads(json.dumps(self.settings(model)))
@@ -422,6 +460,7 @@ class Evaluator:
                 api_key_env=self.config.judge_api_key_env,
                 cache_path=self.output_dir / "judge_cache.jsonl",
                 concurrency=self.config.judge_concurrency,
+                score_rule=self.config.judge_score_rule,
             )
         results = {}
         try:
@@ -431,6 +470,8 @@ class Evaluator:
                     gc.collect()
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
+                if self.load_errors and len(self.load_errors) == len(self.models):
+                    raise ConfigError("; ".join(self.load_errors.values()))
                 results[model.name] = {pair.dataset: self._finish(pair, judge) for pair in self.pairs[model.name]}
         finally:
             if judge is not None:
@@ -445,10 +486,10 @@ class Evaluator:
         pipeline_class = BaselinePipeline if model.kind == "baseline" else VPTPipeline
         try:
             runner = pipeline_class.from_pretrained(model.path, dtype=self.config.dtype, device=device)
-        except Exception as error:  # the other models can still be evaluated
-            logger.error(
-                "Cannot load %s (%s: %s); its missing answers are skipped", model.path, type(error).__name__, error
-            )
+        except Exception as error:  # the other models can still be evaluated; with none left, `run` stops
+            self.load_errors[model.name] = f"cannot load model {model.name} ({model.path}): {one_line(error)}"
+            if len(self.load_errors) < len(self.models):
+                logger.error("%s; its missing answers are skipped", self.load_errors[model.name])
             return
         mode = self.settings(model)["mode"]
         for pair in pairs:
@@ -475,15 +516,15 @@ class Evaluator:
         loaded = []
         for item in batch:
             try:
-                loaded.append((item, open_image(item.image_path)))
-            except (OSError, ValueError) as error:
-                self._problem(problems, item, f"cannot load image {item.image_path}: {error}")
+                loaded.append((item, load_image(item.image_path)))
+            except (ImageLoadError, OSError, ValueError) as error:  # bombs and truncated files included
+                self._problem(problems, item, one_line(error))
         return self._generate(runner, loaded, mode, problems)
 
     def _generate(self, runner, loaded, mode: str, problems: list[dict]) -> list[dict[str, Any]]:
+        """Answers of loaded items, each sampled with its own seed (``seed + index``, whatever the batch)."""
         if not loaded:
             return []
-        set_seed(self.config.seed + loaded[0][0].index)
         prompts = [prompt_for_mode(item.question, mode) for item, _ in loaded]
         try:
             results = runner.run(
@@ -493,14 +534,22 @@ class Evaluator:
                 max_image_side=self.config.max_image_side or None,
                 generation_kwargs=self.generation | self.generation_overrides,
                 progress=False,
+                seeds=[self.config.seed + item.index for item, _ in loaded],
+                on_error="record",
             )
-        except Exception as error:  # one bad sample (or memory) must not end the run: retry the items alone
+        except Exception as error:  # the pipeline keeps per-record errors; anything else: retry the items alone
             if len(loaded) == 1:
-                self._problem(problems, loaded[0][0], f"generation failed: {type(error).__name__}: {error}")
+                self._problem(problems, loaded[0][0], f"generation failed: {one_line(error)}")
                 return []
-            logger.warning("A batch failed (%s: %s); answering its records one by one", type(error).__name__, error)
+            logger.warning("A batch failed (%s); answering its records one by one", one_line(error))
             return [answer for one in loaded for answer in self._generate(runner, [one], mode, problems)]
-        return [_answer_record(item, prompt, result) for (item, _), prompt, result in zip(loaded, prompts, results)]
+        answers = []
+        for (item, _), prompt, result in zip(loaded, prompts, results):
+            if result.error is not None:
+                self._problem(problems, item, f"generation failed: {result.error}")
+            else:
+                answers.append(_answer_record(item, prompt, result))
+        return answers
 
     @staticmethod
     def _problem(problems: list[dict], item: Item, message: str) -> None:
@@ -552,27 +601,37 @@ class Evaluator:
 
 
 def _answer_record(item: Item, prompt: str, result: VPTResult) -> dict[str, Any]:
-    return {
-        "index": item.index,
-        "question": item.question,
-        "prompt": prompt,
-        **asdict(result),
-        "boxes": [list(box) for box in result.boxes],
-    }
+    answer = {"index": item.index, "question": item.question, "prompt": prompt, **asdict(result)}
+    answer.pop("error", None)  # always None here: failed records are problems, not answers
+    return answer | {"boxes": [list(box) for box in result.boxes]}
 
 
 def evaluate(
     config: EvalConfig, generation_overrides: dict[str, Any] | None = None
 ) -> tuple[dict[str, dict[str, dict[str, Any]]], str]:
-    """Run the evaluation of ``config``; see `Evaluator`."""
-    return Evaluator(config, generation_overrides).run()
+    """Run the evaluation of ``config``; see `Evaluator`.
+
+    The run holds the lock of ``config.output_dir`` (`storage.exclusive_run`): a second evaluation writing into the
+    same directory fails at once with `OutputDirError`.
+    """
+    with exclusive_run(config.output_dir):
+        return Evaluator(config, generation_overrides).run()
 
 
 @contextmanager
 def _logging_to(output_dir: Path):
-    """Log the ``evaluation`` loggers to stderr and to ``output_dir/evaluation.log`` (appended) meanwhile."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    handlers = [logging.StreamHandler(), logging.FileHandler(output_dir / "evaluation.log", encoding="utf-8")]
+    """Log the ``evaluation`` loggers to stderr and to ``output_dir/evaluation.log`` (appended) meanwhile.
+
+    An error that ends the run is written to the log file; `run_cli` prints it on stderr, as one line.
+    """
+    prepare_output_dir(output_dir)
+    log_file = output_dir / "evaluation.log"
+    try:
+        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+    except OSError as error:
+        raise OutputDirError(f"cannot write {log_file}: {error.strerror or one_line(error)}") from error
+    stream_handler = logging.StreamHandler()
+    handlers = [stream_handler, file_handler]
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     for handler in handlers:
@@ -580,25 +639,31 @@ def _logging_to(output_dir: Path):
         logger.addHandler(handler)
     try:
         yield
+    except Exception as error:
+        logger.removeHandler(stream_handler)
+        logger.error("%s", one_line(error))
+        raise
     finally:
         for handler in handlers:
             logger.removeHandler(handler)
             handler.close()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
     with _logging_to(Path(config.output_dir)):
-        try:
-            results, markdown = evaluate(config)
-        except ConfigError as error:
-            logger.error("%s", error)
-            return 2
+        results, markdown = evaluate(config)
         print(markdown)
         if not any(summary["answered"] for per_dataset in results.values() for summary in per_dataset.values()):
             logger.error("Nothing could be evaluated: no record was answered")
             return 1
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; an error that stops the run is one line on stderr and exit status 2 (``--debug``: the
+    traceback). Usage errors exit 2 with argparse's message."""
+    return run_cli(_main, argv, prog="evaluation.py")
 
 
 if __name__ == "__main__":

@@ -49,8 +49,19 @@ def summary_table(results: Results, models: Mapping[str, Mapping[str, Any]], dat
             "answered": {dataset: results[name][dataset]["answered"] for dataset in datasets},
             "average": _mean(list(scores.values())),
             "averaged_over": sum(v is not None for v in scores.values()),
+            "unscored": {dataset: _unscored(results[name][dataset]) for dataset in datasets},
         }
     return {"datasets": list(datasets), "metrics": metrics, "models": rows}
+
+
+def _unscored(summary: Mapping[str, Any]) -> int | None:
+    """Judge replies without a valid score (left out of the judge mean); None when there was no judge."""
+    judge = summary.get("judge")
+    return None if judge is None else judge.get("unscored", 0)
+
+
+def _judged(table: dict) -> bool:
+    return JUDGE in table["metrics"].values()
 
 
 def summary_markdown(table: dict) -> str:
@@ -64,8 +75,9 @@ def summary_markdown(table: dict) -> str:
         cells = [_fmt(row["scores"][d]) for d in datasets] + [_fmt(row["average"])]
         lines.append(f"| {_label(name, row)} | " + " | ".join(cells) + " |")
     judged = (
-        "`judge` = LLM-judge score in [0, 1], mean over the judged answers; otherwise "
-        if JUDGE in table["metrics"].values()
+        "`judge` = LLM-judge score in [0, 1], mean over the answers with a valid score (see the unscored table "
+        "below); otherwise "
+        if _judged(table)
         else ""
     )
     families = ", ".join(f"{family}: `{metric}`" for family, metric in PRIMARY_METRIC.items())
@@ -74,18 +86,41 @@ def summary_markdown(table: dict) -> str:
         "CIDEr-D on the COCO scale). — = no score (a dataset without a judge-free metric and no judge, or nothing "
         "answered). Avg = mean over the row's scores."
     )
-    return "\n".join(lines) + "\n\n" + legend + "\n"
+    text = "\n".join(lines) + "\n\n" + legend + "\n"
+    return text + unscored_markdown(table) if _judged(table) else text
+
+
+def unscored_markdown(table: dict) -> str:
+    """Per model and dataset, the judge replies without a valid score in [0, 1] (not part of the judge mean)."""
+    datasets = table["datasets"]
+    lines = ["| unscored | " + " | ".join(datasets) + " | total |", "|---|" + "---:|" * (len(datasets) + 1)]
+    for name, row in table["models"].items():
+        counts = [row["unscored"][d] for d in datasets]
+        cells = ["—" if c is None else str(c) for c in counts] + [str(sum(c or 0 for c in counts))]
+        lines.append(f"| {_label(name, row)} | " + " | ".join(cells) + " |")
+    legend = (
+        "Unscored = judge replies without a score in [0, 1], even when asked twice (`--judge-score-rule strict`); "
+        "they are left out of the judge mean. Their replies are in `<model>/<dataset>/final_answers.json`."
+    )
+    return "\n" + "\n".join(lines) + "\n\n" + legend + "\n"
 
 
 def summary_csv(table: dict) -> str:
+    """The summary table as CSV; with a judge, one ``unscored <dataset>`` column per dataset and their total."""
     datasets = table["datasets"]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["model", "kind", *datasets, "average"])
-    writer.writerow(["metric", "", *(table["metrics"][d] or "" for d in datasets), ""])
+    judged = _judged(table)
+    unscored_columns = [f"unscored {d}" for d in datasets] + ["unscored"] if judged else []
+    writer.writerow(["model", "kind", *datasets, "average", *unscored_columns])
+    writer.writerow(["metric", "", *(table["metrics"][d] or "" for d in datasets), "", *([""] * len(unscored_columns))])
     for name, row in table["models"].items():
         values = [row["scores"][d] for d in datasets] + [row["average"]]
-        writer.writerow([name, row["kind"], *("" if v is None else f"{v:.6f}" for v in values)])
+        cells = [name, row["kind"], *("" if v is None else f"{v:.6f}" for v in values)]
+        if judged:
+            counts = [row["unscored"][d] for d in datasets]
+            cells += ["" if c is None else str(c) for c in counts] + [str(sum(c or 0 for c in counts))]
+        writer.writerow(cells)
     return out.getvalue()
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers_vpt.regions import parse_regions
 
-from .judge import JudgeClient
+from .judge import JudgeClient, JudgeResult
 from .metrics import metric_family, score_dataset, score_items
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,30 @@ def region_hit(round1_text: str, target_cells: Sequence[int]) -> bool:
     )
 
 
+def judge_summary(judge: JudgeClient, results: Sequence[JudgeResult], desc: str = "judge") -> dict[str, Any]:
+    """The judge part of a dataset summary: mean over the scored answers; unscored and failed ones are counted."""
+    scores = [result.score for result in results if not result.failed and result.score is not None]
+    unscored = sum(result.unscored for result in results)
+    failed = sum(result.failed for result in results)
+    if failed:
+        logger.warning("%s: the judge failed on %d answers (left out; a rerun retries them)", desc, failed)
+    if unscored:
+        logger.warning(
+            "%s: %d judge replies hold no score in [0, 1] (unscored, left out of the mean; see judge_reply in "
+            "final_answers.json)",
+            desc,
+            unscored,
+        )
+    return {
+        "model": judge.model,
+        "score_rule": judge.score_rule,
+        "score": sum(scores) / len(scores) if scores else None,
+        "judged": len(scores),
+        "unscored": unscored,
+        "failed": failed,
+    }
+
+
 def score(
     dataset: str,
     rows: list[dict[str, Any]],
@@ -47,9 +71,11 @@ def score(
     """Score answered ``rows`` (dicts with question, ground_truth, answer, round1_text, action, image).
 
     Returns the rows with their ``"scores"`` added, and the dataset summary: ``answered``, ``family``, ``metrics``
-    (judge-free aggregates), ``judge`` (score over the judged answers, counts of judged and failed), ``main``
-    (``{"metric", "value"}``: the judge when one is used, else the family's primary metric), ``actions`` (counts)
-    and ``region_accuracy`` (over region answers whose image has a target in ``targets``).
+    (judge-free aggregates), ``judge`` (`judge_summary`: the mean over the scored answers, the score rule, counts of
+    scored, unscored and failed answers), ``main`` (``{"metric", "value"}``: the judge when one is used, else the
+    family's primary metric), ``actions`` (counts) and ``region_accuracy`` (over region answers whose image has a
+    target in ``targets``). A row's ``scores["judge"]`` is None when its answer is unscored or the judge failed;
+    ``judge_error`` then says why.
     """
     family = family_of(dataset)
     predictions = [row["answer"] for row in rows]
@@ -70,19 +96,9 @@ def score(
         for row, result in zip(scored, results):
             row["scores"][JUDGE] = None if result.failed else result.score
             row["judge_reply"] = result.reply
-            if result.failed:
+            if result.error is not None:
                 row["judge_error"] = result.error
-        judged = [result.score for result in results if not result.failed]
-        summary["judge"] = {
-            "model": judge.model,
-            "score": sum(judged) / len(judged) if judged else None,
-            "judged": len(judged),
-            "failed": len(results) - len(judged),
-        }
-        if len(judged) < len(results):
-            logger.warning(
-                "%s: the judge failed on %d answers (left out; a rerun retries them)", desc, len(results) - len(judged)
-            )
+        summary["judge"] = judge_summary(judge, results, desc)
         summary["main"] = {"metric": JUDGE, "value": summary["judge"]["score"]}
     elif family:
         metric = PRIMARY_METRIC[family]

@@ -57,7 +57,7 @@ BROKEN = {  # appended to GQA_region_test: record -> the problem reported
     "missing image": "missing image file",
     "two images": "2 <image> placeholders",
     "no answer": "no assistant turn",
-    "corrupt image": "unreadable image",
+    "corrupt image": "cannot read image",
 }
 
 
@@ -271,7 +271,8 @@ def test_baseline_judge_and_reports(vpt_run, data, models, tmp_path, monkeypatch
         server.httpd.shutdown()
         server.httpd.server_close()
     assert again == results
-    assert loaded == []  # the VPT model had nothing left to answer
+    assert [Path(args[0]).name for args in loaded] == ["qwen2vl"]  # BaselinePipeline inherits from_pretrained;
+    # the VPT model had nothing left to answer, the baseline is loaded once (the rerun has nothing left either)
     assert (out / "judge_cache.jsonl").is_file()
     prompts = [r["body"]["messages"][0]["content"] for r in server.requests]
     assert any(f"Question: <image>\nWhat is in [q00]? \n{REGION_TRIGGER}\n" in p for p in prompts)
@@ -279,7 +280,7 @@ def test_baseline_judge_and_reports(vpt_run, data, models, tmp_path, monkeypatch
     for dataset in RELEASED_TEST_SETS:
         base = load(out / "qwen2vl" / dataset / "final_answers.json")
         for row in base:
-            route, truth = expected[dataset, row["index"]]
+            _, truth = expected[dataset, row["index"]]
             assert (row["action"], row["boxes"], row["answer"], row["scores"]["judge"]) == ("none", [], truth, 1.0)
             bare = row["question"].replace(f" \n{REGION_TRIGGER}", "").replace(f"\n{REENCODE_TRIGGER}", "")
             assert row["prompt"] == bare and "answer the question" not in row["prompt"]
@@ -303,10 +304,13 @@ def test_baseline_judge_and_reports(vpt_run, data, models, tmp_path, monkeypatch
     assert md in markdown and "| qwen2vl (baseline) | 1.000 |" in md
     assert md.splitlines()[2].startswith("| *metric* | judge | judge |")
     rows = list(csv.reader((out / "summary.csv").open()))
-    assert rows[0] == ["model", "kind", *RELEASED_TEST_SETS, "average"]
-    assert rows[1][2:-1] == ["judge"] * 12
+    unscored = [f"unscored {d}" for d in RELEASED_TEST_SETS] + ["unscored"]
+    assert rows[0] == ["model", "kind", *RELEASED_TEST_SETS, "average", *unscored]
+    assert rows[1][2:14] == ["judge"] * 12
     assert [row[:2] for row in rows[2:]] == [["vpt", "vpt"], ["qwen2vl", "baseline"]]
-    assert float(rows[2][-1]) == pytest.approx(table["models"]["vpt"]["average"])
+    assert float(rows[2][14]) == pytest.approx(table["models"]["vpt"]["average"])
+    assert rows[2][15:] == ["0"] * 13  # every judge reply held a score
+    assert table["models"]["vpt"]["unscored"] == dict.fromkeys(RELEASED_TEST_SETS, 0)
     with Image.open(out / "summary.png") as chart:
         assert chart.format == "PNG" and chart.width > 400
 
@@ -322,7 +326,7 @@ def test_baseline_judge_and_reports(vpt_run, data, models, tmp_path, monkeypatch
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(data, models, tmp_path, monkeypatch):
-    """Sampling (seeded per batch): a run killed during its second batch, then resumed, equals a run never killed."""
+    """Sampling (seeded per record): a run killed during its second batch, then resumed, equals a run never killed."""
     data_dir, scripts, _ = data
     model_dir, processor = models["vpt"]
     extra = ["--datasets", "POPE_action_test", "--batch-size", "2", "--no-greedy", "--top-p", "1.0"]
@@ -409,7 +413,7 @@ def test_failures_at_run_time_are_isolated_and_retried(data, models, tmp_path, m
     problems = load(folder / "problems.json")
     assert [p["index"] for p in problems] == [1, 3]
     assert problems[0]["problem"] == "generation failed: RuntimeError: boom"
-    assert problems[1]["problem"].startswith(f"cannot load image {truncated}")
+    assert problems[1]["problem"].startswith(f"cannot read image {truncated}")
 
     monkeypatch.setattr(VPTPipeline, "run", run)
     results, _ = ev.evaluate(cfg, scripted(processor, scripts))

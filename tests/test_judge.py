@@ -108,21 +108,33 @@ def test_prompt_layout():
 
 
 @pytest.mark.parametrize(
-    ("reply", "score"),
+    ("reply", "strict", "upstream"),
     [
-        ("score: 0.8", 0.8),
-        ("Score: 1", 1.0),
-        ("score: 0", 0.0),
-        ("The score is 1.", 1.0),
-        ("score: 0.75, close to the standard answer", 0.75),
-        ("score: 10", 10.0),  # upstream regex quirk, kept
-        ("an excellent answer", 0.0),
-        ("score: 2/5", 0.0),
-        ("", 0.0),
+        ("score: 0.8", 0.8, 0.8),
+        ("Score: 1", 1.0, 1.0),
+        ("score: 0", 0.0, 0.0),
+        ("The score is 1.", 1.0, 1.0),
+        ("score: 0.75, close to the standard answer", 0.75, 0.75),
+        ("**Score:** 0.5", 0.5, 0.5),
+        ("The full score is 1; score: 0.5", 0.5, 1.0),  # strict: the labelled number wins
+        ("score: 10", None, 10.0),  # upstream regex quirk, kept under the upstream rule
+        ("Score: 100", None, 100.0),
+        ("score: -0.5", None, 0.5),
+        ("80%", None, 0.0),
+        ("an excellent answer", None, 0.0),
+        ("score: 2/5", None, 0.0),
+        ("I give it 0.8 out of 1", None, 0.8),  # two numbers and no label: ambiguous
+        ("", None, 0.0),
     ],
 )
-def test_extract_score(reply, score):
-    assert extract_score(reply) == score
+def test_extract_score(reply, strict, upstream):
+    assert extract_score(reply) == extract_score(reply, "strict") == strict
+    assert extract_score(reply, "upstream") == upstream
+
+
+def test_unknown_score_rule():
+    with pytest.raises(ValueError, match="choose from"):
+        extract_score("score: 1", "lenient")
 
 
 def test_wire_format(server, make_client, monkeypatch):
@@ -191,11 +203,39 @@ def test_unreachable_endpoint_is_flagged():
     assert (result.score, result.failed) == (0.0, True)
 
 
-@pytest.mark.parametrize("reply", ["I cannot judge this.", "", None])
-def test_unparsable_or_empty_reply_scores_zero(server, make_client, reply):
+@pytest.mark.parametrize("reply", ["I cannot judge this.", "", None, "Score: 100"])
+def test_unparsable_or_empty_reply_is_asked_again_then_unscored(server, make_client, reply):
     server.sequence((200, reply))
     [result] = make_client().score_many([ITEM])
-    assert (result.score, result.reply, result.failed) == (0.0, reply or "", False)
+    assert (result.score, result.reply, result.failed, result.unscored) == (None, reply or "", False, True)
+    assert result.attempts == 2 and len(server.requests) == 2 and "no score in [0, 1]" in result.error
+
+
+@pytest.mark.parametrize("reply", ["I cannot judge this.", "", None])
+def test_upstream_rule_scores_unparsable_replies_zero_without_asking_again(server, make_client, reply):
+    server.sequence((200, reply))
+    [result] = make_client(score_rule="upstream").score_many([ITEM])
+    assert (result.score, result.reply, result.failed, result.unscored) == (0.0, reply or "", False, False)
+    assert len(server.requests) == 1
+
+
+def test_a_valid_second_reply_counts(server, make_client, tmp_path):
+    server.sequence((200, "Score: 100"), (200, "score: 0.9"))
+    [result] = make_client().score_many([ITEM])
+    assert (result.score, result.reply, result.attempts, result.unscored) == (0.9, "score: 0.9", 2, False)
+    [line] = (tmp_path / "judge_cache.jsonl").read_text().splitlines()
+    assert json.loads(line)["reply"] == "score: 0.9"
+
+
+def test_unscored_replies_are_cached_and_rescored_with_the_other_rule(server, make_client):
+    server.sequence((200, "Score: 100"))
+    assert make_client().score_many([ITEM])[0].unscored
+    server.requests.clear()
+    [again] = make_client().score_many([ITEM])  # no new request: the cached reply stays unscored
+    [upstream] = make_client(score_rule="upstream").score_many([ITEM])
+    assert server.requests == []
+    assert (again.unscored, again.cached) == (True, True)
+    assert (upstream.score, upstream.cached) == (100.0, True)  # the released rule, like for like
 
 
 def test_cache_makes_a_rerun_free(server, make_client, tmp_path):
