@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import PreTrainedTokenizerBase, Qwen2VLImageProcessorFast, Qwen2VLVideoProcessor
+from transformers import PreTrainedTokenizerBase, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
 from ..models.qwen2_vl_vpt.processing_qwen2_vl_vpt import (
     DEFAULT_DETECTION_PROCESSOR_CONFIG,
@@ -46,8 +46,8 @@ TINY_SEG_PROCESSOR_CONFIG: dict[str, Any] = {
 def build_tiny_processor(tokenizer: PreTrainedTokenizerBase | None = None, **kwargs) -> VPT_Qwen2VLProcessor:
     """Build a [`VPT_Qwen2VLProcessor`] with tiny image sizes, offline and in milliseconds.
 
-    The Qwen2-VL image processor is the fast one, the class `from_pretrained` restores by default, so a saved and
-    reloaded tiny processor gives identical outputs.
+    The Qwen2-VL image processor is the slow one, as the VPT processor keeps by default (the released models were
+    trained with it), so a saved and reloaded tiny processor gives identical outputs.
 
     Args:
         tokenizer: Defaults to `build_tiny_tokenizer()` (all three branches and the region tokens).
@@ -71,7 +71,7 @@ def build_tiny_processor(tokenizer: PreTrainedTokenizerBase | None = None, **kwa
         **kwargs,
     }
     return VPT_Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessorFast(**qwen_kwargs()),
+        image_processor=Qwen2VLImageProcessor(**qwen_kwargs()),
         tokenizer=build_tiny_tokenizer() if tokenizer is None else tokenizer,
         video_processor=Qwen2VLVideoProcessor(**qwen_kwargs()),
         **processor_kwargs,

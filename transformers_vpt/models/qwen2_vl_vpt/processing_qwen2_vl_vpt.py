@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from tokenizers import Tokenizer
-from transformers import BitImageProcessor, SamImageProcessor
+from transformers import BitImageProcessor, Qwen2VLImageProcessor, SamImageProcessor
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 from transformers.image_utils import load_image as load_remote_image
@@ -225,6 +225,12 @@ def _with_loaded_images(conversation: list) -> list:
     return loaded
 
 
+def _slow_image_processor(fast: Any) -> Qwen2VLImageProcessor:
+    """The slow Qwen2-VL image processor with the settings of ``fast``."""
+    known = Qwen2VLImageProcessor().to_dict().keys() - {"image_processor_type"}
+    return Qwen2VLImageProcessor(**{key: value for key, value in fast.to_dict().items() if key in known})
+
+
 class VPT_Qwen2VLProcessor(Qwen2VLProcessor):
     r"""
     Qwen2-VL processor with the VPT re-encoding inputs: DINOv2 (``detection``), SAM (``seg``) and CLIP (``clip``,
@@ -255,6 +261,10 @@ class VPT_Qwen2VLProcessor(Qwen2VLProcessor):
             Number of ``<|detection_image_pad|>`` tokens per detection image (DINOv2 patch tokens, CLS dropped).
         seg_image_seqlen (`int`, *optional*, defaults to 256):
             Number of ``<|seg_image_pad|>`` tokens per seg image (projected SAM features).
+        fast_image_processor (`bool`, *optional*, defaults to `False`):
+            Keep a fast (torch) Qwen2-VL image processor. By default it is replaced by the slow (PIL/NumPy) one with
+            the same settings: the released models were trained with the slow one, and the fast one differs by up
+            to one grey level (|pixel_values| difference <= 0.03 after normalisation).
     """
 
     def __init__(
@@ -267,8 +277,12 @@ class VPT_Qwen2VLProcessor(Qwen2VLProcessor):
         seg_processor_config: dict[str, Any] | None = None,
         detection_image_seqlen: int = 256,
         seg_image_seqlen: int = 256,
+        fast_image_processor: bool = False,
         **kwargs,
     ):
+        self.fast_image_processor = fast_image_processor
+        if image_processor is not None and getattr(image_processor, "is_fast", False) and not fast_image_processor:
+            image_processor = _slow_image_processor(image_processor)
         self.detection_processor_config = copy.deepcopy(
             DEFAULT_DETECTION_PROCESSOR_CONFIG if detection_processor_config is None else detection_processor_config
         )
