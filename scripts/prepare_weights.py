@@ -25,10 +25,13 @@ import torch
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer, GenerationConfig
 from transformers.modeling_utils import load_state_dict
 
-from transformers_vpt.errors import VPTUserError, one_line, run_cli
-
 from llamafactory_patches.embeddings import init_added_token_rows
-from transformers_vpt import VPT_Qwen2VLConfig, VPT_Qwen2VLForConditionalGeneration, VPT_Qwen2VLProcessor
+from transformers_vpt import (
+    VPT_Qwen2VLConfig,
+    VPT_Qwen2VLForConditionalGeneration,
+    VPT_Qwen2VLProcessor,
+)
+from transformers_vpt.errors import VPTUserError, one_line, run_cli
 from transformers_vpt.models.qwen2_vl_vpt.processing_qwen2_vl_vpt import (
     DEFAULT_DETECTION_PROCESSOR_CONFIG,
     DEFAULT_SEG_PROCESSOR_CONFIG,

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import Qwen2VLImageProcessor, Qwen2VLImageProcessorFast, Qwen2VLVideoProcessor
+from transformers import (
+    Qwen2VLImageProcessor,
+    Qwen2VLImageProcessorFast,
+    Qwen2VLVideoProcessor,
+)
 
 from transformers_vpt import VPT_Qwen2VLProcessor
 from transformers_vpt.images import fit_image

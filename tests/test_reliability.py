@@ -3,10 +3,8 @@ nothing overwritten, nothing silently wrong."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,29 +12,27 @@ import pytest
 import torch
 from PIL import Image
 from test_pipeline import SPAN_A, make_image, scripted_kwargs
+from test_prepare_weights import make_tiny, prepare
 
 from transformers_vpt.cli import main as cli
 from transformers_vpt.errors import VPTUserError, run_cli
 from transformers_vpt.images import ImageLoadError, image_size, load_image
-from transformers_vpt.pipeline import BaselinePipeline, VPTPipeline, build_user_text, load_pipeline
+from transformers_vpt.pipeline import (
+    BaselinePipeline,
+    VPTPipeline,
+    build_user_text,
+    load_pipeline,
+)
 from transformers_vpt.regions import open_image
 from transformers_vpt.tiny.assemble import build_tiny_vpt
-from transformers_vpt.vocabulary import BRANCH_TOKENS, IMAGE_PAD, REGION_TOKENS, VISION_START
+from transformers_vpt.vocabulary import (
+    BRANCH_TOKENS,
+    IMAGE_PAD,
+    REGION_TOKENS,
+    VISION_START,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 ORIENTATION = 0x0112
-
-
-def load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-prepare = load_script(ROOT / "scripts" / "prepare_weights.py")
-make_tiny = load_script(ROOT / "configs" / "tiny" / "make_tiny.py")
 
 
 @pytest.fixture(scope="module")

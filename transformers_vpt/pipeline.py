@@ -37,10 +37,26 @@ from transformers import AutoModelForImageTextToText
 
 from .errors import VPTUserError, one_line
 from .generation import seeded_sampling_kwargs
-from .images import IMAGE_RESOLUTION, SEG_IMAGE_RESOLUTION, ImageInput, cap_image, fit_image, load_image
-from .models.qwen2_vl_vpt.processing_qwen2_vl_vpt import VPT_Qwen2VLProcessor, strip_literal_markers
+from .images import (
+    IMAGE_RESOLUTION,
+    SEG_IMAGE_RESOLUTION,
+    ImageInput,
+    cap_image,
+    fit_image,
+    load_image,
+)
+from .models.qwen2_vl_vpt.processing_qwen2_vl_vpt import (
+    VPT_Qwen2VLProcessor,
+    strip_literal_markers,
+)
 from .regions import Box, RegionSpan, crop_regions, parse_regions
-from .vocabulary import BRANCH_TOKENS, IMAGE_PLACEHOLDER, REENCODE_TRIGGER, REGION_TRIGGER, literal_text
+from .vocabulary import (
+    BRANCH_TOKENS,
+    IMAGE_PLACEHOLDER,
+    REENCODE_TRIGGER,
+    REGION_TRIGGER,
+    literal_text,
+)
 
 __all__ = [
     "MODES",
