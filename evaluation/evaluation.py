@@ -10,6 +10,11 @@ Runs are resumable: every batch of answers is appended to ``answers.jsonl`` and 
 settings answers only the missing records, then rescores everything (judge replies are cached). Sampling draws each
 record from its own generator (seed + record index), so a resumed run gives the answers of an uninterrupted one
 whatever the batch boundaries. One run at a time writes into an output directory (it holds ``<output-dir>/.lock``).
+
+``--protocol released`` routes round-1 text and scores as the released evaluation did, to reproduce the published
+table like for like (`transformers_vpt.pipeline.route`): region spans by the released regex (``<|x_8|>`` makes a span
+no region, an x-only span is one), the released crop box as is, a record whose crop cannot be built dropped from
+scoring (listed in problems.json), and the released judge score rule unless ``--judge-score-rule`` is given.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ from evaluation.storage import (
 from transformers_vpt import VPT_Qwen2VLConfig, VRT_Qwen2VLConfig
 from transformers_vpt.errors import DEBUG_ENV, VPTUserError, one_line, run_cli
 from transformers_vpt.images import ImageLoadError, load_image
-from transformers_vpt.pipeline import VPTPipeline, VPTResult, model_type_of
+from transformers_vpt.pipeline import PROTOCOLS, VPTPipeline, VPTResult, model_type_of
 
 logger = logging.getLogger("evaluation")
 
@@ -98,8 +103,15 @@ class EvalConfig:
     judge_model: str = "gpt-4o"
     judge_api_key_env: str = "OPENAI_API_KEY"
     judge_concurrency: int = 8
-    judge_score_rule: str = "strict"
+    judge_score_rule: str | None = None
     region_meta: str | None = None
+    protocol: str = "project"
+
+    def score_rule(self) -> str:
+        """The judge score rule: the one given, else ``upstream`` with ``--protocol released``, else ``strict``."""
+        if self.judge_score_rule is not None:
+            return self.judge_score_rule
+        return "upstream" if self.protocol == "released" else "strict"
 
     def generation_kwargs(self) -> dict[str, Any]:
         if self.greedy:
@@ -170,7 +182,8 @@ outputs (under --output-dir):
   <model>/<dataset>/settings.json      settings of these answers; a rerun must match them
   <model>/<dataset>/final_answers.json question, ground truth, round-1 text, action, boxes, answer, scores
   <model>/<dataset>/scores.json        dataset metrics, judge score, action counts, region accuracy
-  <model>/<dataset>/problems.json      records skipped in the last run (broken, unreadable), by index
+  <model>/<dataset>/problems.json      records skipped in the last run (broken, unreadable) or dropped from
+                                       scoring by --protocol released (crop failed), by index
   summary.md|csv|json, summary.png     main score per model (rows) and dataset (columns), average
   action_usage.md|json                 how often region, re-encoding or no perception token was used
   judge_cache.jsonl, evaluation.log
@@ -259,6 +272,15 @@ line on stderr naming the problem (--debug shows the traceback).""",
         help="sampling seed; record i draws its tokens from its own generator seeded with N + i, so answers do not "
         "depend on --batch-size or on where a run was resumed" + _default("seed"),
     )
+    inference.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        help="routing and scoring at the protocol edges. project: region indices past the grid (<|x_8|>) are "
+        "clamped, spans without x or y indices skipped, crops at least one pixel. released: as the released "
+        "evaluation, for comparisons with the published table: such spans are no region / a region whose crop "
+        "fails, which drops the record from scoring (listed in problems.json), and the judge score rule defaults "
+        "to upstream. Part of the settings a rerun is checked against" + _default("protocol"),
+    )
     inference.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     inference.add_argument(
         "--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="weights dtype" + _default("dtype")
@@ -285,8 +307,8 @@ line on stderr naming the problem (--debug shows the traceback).""",
         help="strict: the number after 'score:' (else the reply's only number), valid only in [0, 1]; a reply "
         "without one is asked again once, then the answer is unscored (left out of the mean, counted in the "
         'summary). upstream: the released rule, first match of [01]\\.?\\d*, 0 when none ("score: 10" gives 10), '
-        "for comparisons with the published table. Replies are cached, so switching rules sends no request"
-        + _default("judge_score_rule"),
+        "for comparisons with the published table. Replies are cached, so switching rules sends no request "
+        "(default: strict; upstream with --protocol released)",
     )
     parser.add_argument("--output-dir", metavar="DIR", help="where results go" + _default("output_dir"))
     parser.add_argument(
@@ -412,11 +434,15 @@ class Evaluator:
         return datasets
 
     def settings(self, model: ModelSpec) -> dict[str, Any]:
-        """What the answers of ``model`` depend on; a rerun into the same folder must have the same."""
+        """What the answers of ``model`` depend on; a rerun into the same folder must have the same.
+
+        ``protocol`` is recorded for VPT models only (the one-round baseline does not route); settings files written
+        before it existed read as ``"project"`` (`_saved_settings`)."""
         return {
             "model_path": str(model.path.resolve()),
             "kind": model.kind,
             "mode": "free" if model.kind == "baseline" else self.config.mode,
+            **({"protocol": self.config.protocol} if model.kind == "vpt" else {}),
             "max_image_side": self.config.max_image_side,
             "dtype": self.config.dtype,
             "generation": self.generation,
@@ -432,7 +458,7 @@ class Evaluator:
             raise ConfigError(f"{model.name} / {dataset}: {error}") from error
         settings_file = directory / "settings.json"
         if settings_file.exists():
-            saved, current = read_json(settings_file), json.loads(json.dumps(self.settings(model)))
+            saved, current = _saved_settings(read_json(settings_file)), json.loads(json.dumps(self.settings(model)))
             if saved != current:
                 changed = sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
                 raise ConfigError(
@@ -460,7 +486,7 @@ class Evaluator:
                 api_key_env=self.config.judge_api_key_env,
                 cache_path=self.output_dir / "judge_cache.jsonl",
                 concurrency=self.config.judge_concurrency,
-                score_rule=self.config.judge_score_rule,
+                score_rule=self.config.score_rule(),
             )
         results = {}
         try:
@@ -536,6 +562,7 @@ class Evaluator:
                 progress=False,
                 seeds=[self.config.seed + item.index for item, _ in loaded],
                 on_error="record",
+                protocol=self.config.protocol,  # the one-round baseline does not route: no effect there
             )
         except Exception as error:  # the pipeline keeps per-record errors; anything else: retry the items alone
             if len(loaded) == 1:
@@ -557,7 +584,17 @@ class Evaluator:
         problems.append({"index": item.index, "problem": message})
 
     def _finish(self, pair: Pair, judge: JudgeClient | None) -> dict[str, Any]:
-        """Score the answered items of ``pair`` and write its final_answers, scores and problems files."""
+        """Score the answered items of ``pair`` and write its final_answers, scores and problems files.
+
+        Answers the released protocol drops (``dropped``: their crop could not be built) are not scored; they are
+        listed in problems.json with the reason, and kept in answers.jsonl, so a rerun does not answer them again.
+        """
+        dropped = [
+            {"index": item.index, "problem": f"dropped from scoring (--protocol released): {reason}"}
+            for item in pair.items
+            if item.index in pair.done and (reason := pair.done[item.index].get("dropped"))
+        ]
+        dropped_indices = {problem["index"] for problem in dropped}
         rows = [
             {
                 "index": item.index,
@@ -567,21 +604,25 @@ class Evaluator:
                 **{key: pair.done[item.index][key] for key in ("prompt", "round1_text", "action", "boxes", "answer")},
             }
             for item in pair.items
-            if item.index in pair.done
+            if item.index in pair.done and item.index not in dropped_indices
         ]
         name = f"{pair.model.name}/{pair.dataset}"
-        final_answers, summary = score(pair.dataset, rows, judge, self.targets, desc=f"judge {name}")
+        protocol = self.config.protocol if pair.model.kind == "vpt" else "project"
+        final_answers, summary = score(
+            pair.dataset, rows, judge, self.targets, desc=f"judge {name}", protocol=protocol
+        )
         summary = {
             "model": pair.model.name,
             "dataset": pair.dataset,
             "kind": pair.model.kind,
             "records": pair.records,
             **summary,
-            "problems": len(pair.problems),
+            "problems": len(pair.problems) + len(dropped),
+            "dropped": len(dropped),
         }
         write_json(pair.directory / "final_answers.json", final_answers)
         write_json(pair.directory / "scores.json", summary)
-        problems = sorted(pair.problems, key=lambda problem: problem["index"])
+        problems = sorted(pair.problems + dropped, key=lambda problem: problem["index"])
         write_json(pair.directory / "problems.json", problems)
         if problems:
             logger.warning(
@@ -600,9 +641,19 @@ class Evaluator:
         return summary
 
 
+def _saved_settings(saved: Any) -> Any:
+    """A settings file as the current version writes it: one from before ``--protocol`` existed read as
+    ``protocol: project`` (VPT models only; those answers were routed by the project's rules)."""
+    if isinstance(saved, dict) and saved.get("kind") == "vpt" and "protocol" not in saved:
+        return {**saved, "protocol": "project"}
+    return saved
+
+
 def _answer_record(item: Item, prompt: str, result: VPTResult) -> dict[str, Any]:
     answer = {"index": item.index, "question": item.question, "prompt": prompt, **asdict(result)}
     answer.pop("error", None)  # always None here: failed records are problems, not answers
+    if answer["dropped"] is None:  # only the released protocol drops answers; others keep the older format
+        answer.pop("dropped")
     return answer | {"boxes": [list(box) for box in result.boxes]}
 
 

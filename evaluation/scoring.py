@@ -19,6 +19,9 @@ PRIMARY_METRIC = {"vqa": "vqa_accuracy", "anls": "anls", "pope": "accuracy", "ca
 
 JUDGE = "judge"
 
+# How each protocol (`transformers_vpt.pipeline.PROTOCOLS`) reads region indices past the grid.
+_OUT_OF_RANGE = {"project": "clamp", "released": "reject"}
+
 
 def family_of(dataset: str) -> str | None:
     """The dataset's metric family, or None for a name metrics.py does not know (no judge-free metric)."""
@@ -28,12 +31,18 @@ def family_of(dataset: str) -> str | None:
         return None
 
 
-def region_hit(round1_text: str, target_cells: Sequence[int]) -> bool:
-    """Whether a selected region's cell box (before the crop margin) contains the target's (x0, y0, x1, y1) cells."""
+def region_hit(round1_text: str, target_cells: Sequence[int], protocol: str = "project") -> bool:
+    """Whether a selected region's cell box (before the crop margin) contains the target's (x0, y0, x1, y1) cells.
+
+    The regions are read as ``protocol`` routed them: clamped out-of-range indices (``project``) or spans with
+    them left out (``released``)."""
     tx0, ty0, tx1, ty1 = target_cells
+    if protocol not in _OUT_OF_RANGE:
+        raise ValueError(f"protocol must be one of {list(_OUT_OF_RANGE)}, got {protocol!r}")
+    out_of_range = _OUT_OF_RANGE[protocol]
     return any(
         x0 <= tx0 and y0 <= ty0 and tx1 <= x1 and ty1 <= y1
-        for x0, y0, x1, y1 in (region.bounds for region in parse_regions(round1_text))
+        for x0, y0, x1, y1 in (region.bounds for region in parse_regions(round1_text, out_of_range=out_of_range))
     )
 
 
@@ -67,6 +76,7 @@ def score(
     judge: JudgeClient | None = None,
     targets: Mapping[str, Mapping[str, Any]] | None = None,
     desc: str = "judge",
+    protocol: str = "project",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Score answered ``rows`` (dicts with question, ground_truth, answer, round1_text, action, image).
 
@@ -74,8 +84,9 @@ def score(
     (judge-free aggregates), ``judge`` (`judge_summary`: the mean over the scored answers, the score rule, counts of
     scored, unscored and failed answers), ``main`` (``{"metric", "value"}``: the judge when one is used, else the
     family's primary metric), ``actions`` (counts) and ``region_accuracy`` (over region answers whose image has a
-    target in ``targets``). A row's ``scores["judge"]`` is None when its answer is unscored or the judge failed;
-    ``judge_error`` then says why.
+    target in ``targets``; its regions read as ``protocol`` routed them, `region_hit`). A row's ``scores["judge"]``
+    is None when its answer is unscored or the judge failed; ``judge_error`` then says why. Rows the released
+    protocol dropped are not given here (the evaluation leaves them out and lists them as problems).
     """
     family = family_of(dataset)
     predictions = [row["answer"] for row in rows]
@@ -110,7 +121,9 @@ def score(
         hits = []
         for row in scored:
             if row["action"] == "region" and row["image"] in targets:
-                row["scores"]["region_hit"] = hit = region_hit(row["round1_text"], targets[row["image"]]["cells"])
+                row["scores"]["region_hit"] = hit = region_hit(
+                    row["round1_text"], targets[row["image"]]["cells"], protocol
+                )
                 hits.append(hit)
         summary["region_accuracy"] = {
             "correct": sum(hits),

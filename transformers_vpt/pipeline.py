@@ -10,6 +10,13 @@ picks the route:
 * **none / conflict / unsupported:<kind>**: no route, several kinds, or a branch the model lacks: the round-1 text
   is the answer.
 
+``protocol`` (`PROTOCOLS`) decides the edges. ``"project"`` (the default) reads region spans with
+``regions.parse_regions``: an index past the grid (``<|x_8|>``) is clamped to the last cell with a warning, a span
+without x or y indices is skipped, and a crop box is at least one pixel wide. ``"released"`` routes as the released
+evaluation did (`route`): a span counts only when it matches the released regex (an out-of-range index makes it no
+span; an x-only span counts), the box is the released formula as is, and a record whose crop cannot be built is
+*dropped* (`VPTResult.dropped`; the release left it out of scoring).
+
 A question given to `VPTPipeline.__call__` is user text: control-token strings and placeholders in it stay plain
 text (`vocabulary.literal_text`). `run` takes ready user turns (a dataset's first message) whose placeholders keep
 their meaning. `BaselinePipeline` runs a plain Qwen2-VL checkpoint in one round with the same interface, and
@@ -49,7 +56,7 @@ from .models.qwen2_vl_vpt.processing_qwen2_vl_vpt import (
     VPT_Qwen2VLProcessor,
     strip_literal_markers,
 )
-from .regions import Box, RegionSpan, crop_regions, parse_regions
+from .regions import Box, RegionSpan, SpanCells, crop_regions, find_spans, parse_regions, region_to_box
 from .vocabulary import (
     BRANCH_TOKENS,
     IMAGE_PLACEHOLDER,
@@ -61,6 +68,7 @@ from .vocabulary import (
 __all__ = [
     "MODES",
     "ON_ERROR",
+    "PROTOCOLS",
     "BaselinePipeline",
     "VPTPipeline",
     "VPTResult",
@@ -76,6 +84,9 @@ MODES = ("region", "reencode", "free")
 ON_ERROR = ("record", "raise")
 """What `run` does with a record whose image cannot be loaded or whose generation fails: keep going and put the
 error in that record's `VPTResult.error` (``"record"``, the default), or raise at once (``"raise"``)."""
+PROTOCOLS = ("project", "released")
+"""How round-1 text is routed at the edges (`route`): the project's rules (the default) or the released
+evaluation's, to reproduce the published table like for like."""
 # Where the released data puts each trigger: after the question.
 _TRIGGER_SUFFIX = {"region": " \n" + REGION_TRIGGER, "reencode": "\n" + REENCODE_TRIGGER, "free": ""}
 # Long-side caps of the released preprocessing for re-encoded images; CLIP re-encodes the round-1 image itself,
@@ -99,6 +110,9 @@ class VPTResult:
         boxes: Region crop boxes in pixels of the original image (``(x0, y0, x1, y1)``, exclusive ends).
         round2_prompt: The rendered round-2 prompt (placeholders not expanded), None without a round 2.
         error: Why the record could not be answered (``on_error="record"``), None when it was.
+        dropped: ``protocol="released"`` only: why the released evaluation would leave this record out of scoring
+            (its round-2 crop could not be built, e.g. a region span of x tokens only); ``answer`` is then empty
+            and there is no round 2. None otherwise.
     """
 
     answer: str
@@ -107,6 +121,7 @@ class VPTResult:
     boxes: list[Box] = field(default_factory=list)
     round2_prompt: str | None = None
     error: str | None = None
+    dropped: str | None = None
 
 
 @dataclass
@@ -131,9 +146,32 @@ def build_user_text(question: str, mode: str = "region", literal: bool = True) -
     return f"{IMAGE_PLACEHOLDER}\n{literal_text(question) if literal else question}{_TRIGGER_SUFFIX[mode]}"
 
 
-def route(text: str, branches: Sequence[str]) -> tuple[str, list[RegionSpan]]:
-    """The action of a decoded round-1 ``text`` for a model with re-encoding ``branches``, and its regions."""
-    regions = parse_regions(text)
+def check_protocol(protocol: str) -> str:
+    """``protocol`` itself when it is one of `PROTOCOLS`."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
+    return protocol
+
+
+def route(
+    text: str, branches: Sequence[str], protocol: str = "project"
+) -> tuple[str, list[RegionSpan] | list[SpanCells]]:
+    """The action of a decoded round-1 ``text`` for a model with re-encoding ``branches``, and its regions.
+
+    A kind fires when the text holds one of its region spans (region) or its ``<|*_action_start|>`` (a re-encoding
+    branch). One kind: that action; none: ``"none"``; several: ``"conflict"`` (the round-1 text is the answer);
+    a branch the model lacks: ``"unsupported:<kind>"``.
+
+    ``protocol="project"``: the regions are `regions.parse_regions` (out-of-range indices clamped, spans without
+    x or y indices skipped). ``protocol="released"``: the spans are `regions.find_spans` with
+    ``out_of_range="reject"``, the released regex: a span with an index past the grid does not count, while a span
+    of x (or y) tokens only does; its `SpanCells.bounds` raises when the crop is built, which drops the record.
+    The released rule for ``unsupported:<kind>`` is not documented; both protocols keep the round-1 text.
+    """
+    if check_protocol(protocol) == "released":
+        regions: list[RegionSpan] | list[SpanCells] = find_spans(text, out_of_range="reject")
+    else:
+        regions = parse_regions(text)
     kinds = (["region"] if regions else []) + [k for k, b in BRANCH_TOKENS.items() if b.action_start in text]
     if len(kinds) != 1:
         return ("conflict" if kinds else "none"), []
@@ -227,6 +265,7 @@ class VPTPipeline:
         progress: bool | None = None,
         seeds: Sequence[int] | None = None,
         on_error: str = "record",
+        protocol: str = "project",
     ) -> list[VPTResult]:
         """Run both rounds on ready round-1 user turns (each with one ``<image>``, e.g. a dataset's first message).
 
@@ -243,6 +282,11 @@ class VPTPipeline:
             on_error: ``"record"``: a sample whose image cannot be loaded or whose generation fails gets a result
                 with ``error`` set (the others are answered; a failing batch is retried sample by sample);
                 ``"raise"``: raise at once.
+            protocol: ``"project"`` (the default) or ``"released"``: how round-1 text is routed at the edges
+                (`route`) and what happens when a crop cannot be built: ``"project"`` widens empty crop boxes to
+                one pixel, and a crop that fails is an error of the sample (``on_error``); ``"released"`` uses the
+                released box formula as is (an empty box is stretched by `images.fit_image`, as the released
+                preprocessing does) and a crop that fails gives a result with ``dropped`` set, no round 2.
         """
         if isinstance(user_texts, str) or len(user_texts) != len(images):
             raise ValueError(f"Got {len(user_texts)} texts but {len(images)} images; give one image per text")
@@ -250,6 +294,7 @@ class VPTPipeline:
         _check_int("max_image_side", max_image_side, 0, none_ok=True)
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
+        check_protocol(protocol)
         if generation_kwargs is not None and not isinstance(generation_kwargs, dict):
             raise ValueError(f"generation_kwargs must be a dict, got {type(generation_kwargs).__name__}")
         if seeds is not None:
@@ -272,10 +317,13 @@ class VPTPipeline:
                 max_image_side or None,
                 generation_kwargs,
                 on_error,
+                protocol=protocol,
             )
         return results
 
-    def _run_records(self, indices, user_texts, images, seeds, max_image_side, generation_kwargs, on_error):
+    def _run_records(
+        self, indices, user_texts, images, seeds, max_image_side, generation_kwargs, on_error, protocol="project"
+    ):
         """One batch: load its images, answer the loadable samples, and keep per-sample errors (``on_error``)."""
         results: dict[int, VPTResult] = {}
         loaded = []
@@ -297,13 +345,16 @@ class VPTPipeline:
                 generation_kwargs,
                 on_error,
                 [indices[k] for k in keys],
+                protocol=protocol,
             )
             results.update(zip(keys, answers))
         return [results[k] for k in range(len(indices))]
 
-    def _answer_or_split(self, keys, texts, originals, seeds, max_image_side, generation_kwargs, on_error, indices):
+    def _answer_or_split(
+        self, keys, texts, originals, seeds, max_image_side, generation_kwargs, on_error, indices, protocol="project"
+    ):
         try:
-            return self._answer(texts, originals, seeds, max_image_side, generation_kwargs)
+            return self._answer(texts, originals, seeds, max_image_side, generation_kwargs, protocol=protocol)
         except Exception as error:  # one bad sample (or memory) must not cost the batch: retry the samples alone
             if on_error == "raise":
                 raise
@@ -322,10 +373,13 @@ class VPTPipeline:
                     generation_kwargs,
                     on_error,
                     indices[i : i + 1],
+                    protocol=protocol,
                 )
             ]
 
-    def _answer(self, user_texts, originals, seeds, max_image_side, generation_kwargs) -> list[VPTResult]:
+    def _answer(
+        self, user_texts, originals, seeds, max_image_side, generation_kwargs, protocol="project"
+    ) -> list[VPTResult]:
         """Both rounds for samples whose images are loaded."""
         shown = [fit_image(image, max_image_side) for image in originals]
         first_turns = [[{"role": "user", "content": text}] for text in user_texts]
@@ -335,10 +389,17 @@ class VPTPipeline:
 
         results, followups = [], {}
         for i, text in enumerate(round1):
-            action, regions = route(text, self.branches)
+            action, regions = route(text, self.branches, protocol)
             result = VPTResult(answer=text.strip(), round1_text=text, action=action)
             if action == "region":
-                crops = crop_regions(originals[i], regions)
+                if protocol == "released":
+                    crops, result.dropped = _released_crops(originals[i], regions)
+                    if result.dropped is not None:
+                        result.answer = ""
+                        results.append(result)
+                        continue
+                else:
+                    crops = crop_regions(originals[i], regions)
                 result.boxes = [box for box, _ in crops]
                 followups[i] = self._region_followup(first_turns[i], text, shown[i], crops, max_image_side)
             elif action in BRANCH_TOKENS:
@@ -399,6 +460,28 @@ class VPTPipeline:
         return self.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+def _released_crops(
+    original: Image.Image, spans: Sequence[SpanCells]
+) -> tuple[list[tuple[Box, Image.Image]], str | None]:
+    """The crops of the released evaluation and None, or no crops and why the release would drop the record.
+
+    The box is the released formula without the project's one-pixel floor (`regions.region_to_box` with
+    ``nonempty=False``). A span without x or y indices fails there, as the release's ``min`` over an empty index set
+    did ("errors during crop construction drop the sample from scoring"). An empty box is not an error: PIL crops it
+    to an empty image, which the released preprocessing (and `images.fit_image`) stretches to 28 pixels.
+    """
+    crops = []
+    for span in spans:
+        try:
+            box = region_to_box(span, original.size, nonempty=False)
+            crops.append((box, original.crop(box)))
+        except Exception as error:  # the release dropped the sample on any error while it built the crops
+            reason = f"crop failed: {one_line(error)}"
+            logger.info("Released protocol: record dropped from scoring (%s)", reason)
+            return [], reason
+    return crops, None
+
+
 class BaselinePipeline(VPTPipeline):
     """A plain Qwen2-VL checkpoint in one round, with `VPTPipeline`'s interface, images and user-text rules.
 
@@ -426,7 +509,10 @@ class BaselinePipeline(VPTPipeline):
             raise ValueError(f"The one-round baseline has no perception tokens: mode must be 'free', got {mode!r}")
         return super().__call__(images, questions, mode="free", **kwargs)
 
-    def _answer(self, user_texts, originals, seeds, max_image_side, generation_kwargs) -> list[VPTResult]:
+    def _answer(
+        self, user_texts, originals, seeds, max_image_side, generation_kwargs, protocol="project"
+    ) -> list[VPTResult]:
+        """One round; ``protocol`` has no effect (there is no routing)."""
         requests = [
             self._request([{"role": "user", "content": text}], [fit_image(image, max_image_side)])
             for text, image in zip(user_texts, originals)

@@ -1,8 +1,21 @@
-"""Region tokens, grid cells, pixel boxes and the dataset's crop-path convention.
+r"""Region tokens, grid cells, pixel boxes and the dataset's crop-path convention.
 
 A region answer such as ``<|region_token_start|><|x_0|><|y_1|><|x_3|><|y_5|><|region_token_end|>`` names cells of a
 ``grid_size`` x ``grid_size`` grid laid over the image. Round 2 of the evaluation (and the data pipeline) turns it into
 a pixel crop of the original image. Datasets carry crops as ``"<path>_x0,y0,x1,y1"`` strings.
+
+Two readings of region text exist (``out_of_range``):
+
+* ``"clamp"`` (the project's default): an index past the grid (the released GQA data has ``<|x_8|>``) is clamped to
+  the last cell with a warning; a span without an x or without a y index is malformed and skipped.
+* ``"reject"`` (the released evaluation, ``--protocol released``): a span counts only when it is exactly
+  ``<|region_token_start|>`` + one or more ``<|x_i|>``/``<|y_i|>`` tokens with ``0 <= i < grid_size`` +
+  ``<|region_token_end|>`` (the released regex ``<\|region_token_start\|>(<\|[xy]_[0-7]\|>)+<\|region_token_end\|>``),
+  so a span with ``<|x_8|>`` is no region at all. A span of x tokens only still counts (the regex allows it); its
+  crop then fails (`SpanCells.bounds` raises), and the released evaluation dropped such a record from scoring.
+
+`find_spans` gives the spans as written (`SpanCells`, either index set may be empty); `parse_regions` the complete
+ones as `RegionSpan`.
 """
 
 from __future__ import annotations
@@ -18,7 +31,10 @@ from .vocabulary import GRID_SIZE, REGION_END, REGION_START, x_token, y_token
 
 __all__ = [
     "Box",
+    "OUT_OF_RANGE",
     "RegionSpan",
+    "SpanCells",
+    "find_spans",
     "parse_regions",
     "region_problems",
     "region_to_box",
@@ -42,6 +58,10 @@ _CELLS_RE = re.compile(f"(?:{_CELL})+")
 _CELL_RE = re.compile(_CELL)
 _CROP_PATH_RE = re.compile(r"(.+)_([0-9]+),([0-9]+),([0-9]+),([0-9]+)", re.DOTALL)
 
+OUT_OF_RANGE = ("clamp", "reject")
+"""How a region span with an index past the grid is read: clamped to the last cell (the project's default) or not a
+region span at all (the released evaluation's regex)."""
+
 
 @dataclass(frozen=True)
 class RegionSpan:
@@ -60,38 +80,95 @@ class RegionSpan:
         return min(self.xs), min(self.ys), max(self.xs), max(self.ys)
 
 
-def _read_span(inside: str, grid_size: int) -> tuple[RegionSpan | None, list[str]]:
-    """Region of one span's inside (None when malformed) and the out-of-range indices it had to clamp."""
+@dataclass(frozen=True)
+class SpanCells:
+    """One region span as written: the sets of x and y indices inside it, either of which may be empty.
+
+    The released evaluation counted a span of x tokens only as a region (its regex allows it) and failed when it
+    built the crop; `bounds` fails the same way, with a `ValueError` naming the span.
+    """
+
+    xs: frozenset[int]
+    ys: frozenset[int]
+    text: str = ""
+
+    @property
+    def complete(self) -> bool:
+        """Whether the span has an x and a y index (it names a region)."""
+        return bool(self.xs) and bool(self.ys)
+
+    def region(self) -> RegionSpan:
+        """The `RegionSpan` of a complete span; `ValueError` when an axis has no index."""
+        if not self.complete:
+            missing = " and ".join(axis for axis, cells in (("x", self.xs), ("y", self.ys)) if not cells)
+            raise ValueError(f"region span {self.text!r} has no {missing} index, so it names no cells to crop")
+        return RegionSpan(self.xs, self.ys)
+
+    @property
+    def bounds(self) -> Box:
+        """Inclusive cell bounds, as `RegionSpan.bounds`; `ValueError` for an incomplete span."""
+        return self.region().bounds
+
+
+def _check_out_of_range(out_of_range: str) -> None:
+    if out_of_range not in OUT_OF_RANGE:
+        raise ValueError(f"out_of_range must be one of {list(OUT_OF_RANGE)}, got {out_of_range!r}")
+
+
+def _read_span(inside: str, grid_size: int, out_of_range: str = "clamp") -> tuple[SpanCells | None, list[str]]:
+    """The cells of one span's inside (None when it is not cell tokens only, or, with ``"reject"``, when an index
+    is not one of the grid's tokens), and the out-of-range indices it clamped (``"clamp"``) or met."""
     if not _CELLS_RE.fullmatch(inside):
         return None, []
     cells: dict[str, set[int]] = {"x": set(), "y": set()}
-    clamped = []
+    out_of_grid = []
     for axis, digits in _CELL_RE.findall(inside):
         index = int(digits)
         if index >= grid_size:
-            clamped.append(f"<|{axis}_{digits}|> is out of range for a {grid_size}x{grid_size} grid")
+            out_of_grid.append(f"<|{axis}_{digits}|> is out of range for a {grid_size}x{grid_size} grid")
             index = grid_size - 1
+        elif out_of_range == "reject" and digits != str(index):  # "<|x_07|>" is no grid token either
+            out_of_grid.append(f"<|{axis}_{digits}|> is not a grid token")
         cells[axis].add(index)
-    if not cells["x"] or not cells["y"]:
-        return None, clamped
-    return RegionSpan(frozenset(cells["x"]), frozenset(cells["y"])), clamped
+    if out_of_range == "reject" and out_of_grid:
+        return None, out_of_grid
+    return SpanCells(frozenset(cells["x"]), frozenset(cells["y"]), REGION_START + inside + REGION_END), out_of_grid
 
 
-def parse_regions(text: str, grid_size: int = GRID_SIZE) -> list[RegionSpan]:
+def find_spans(text: str, grid_size: int = GRID_SIZE, out_of_range: str = "clamp") -> list[SpanCells]:
+    """Every region span of ``text`` made of cell tokens only, in order, complete or not (see `SpanCells`).
+
+    ``out_of_range="clamp"`` clamps an index past the grid to the last cell (with a warning); ``"reject"`` leaves
+    such a span out, as the released evaluation's regex did (logged at debug level). Spans with other text inside
+    are never counted.
+    """
+    _check_out_of_range(out_of_range)
+    spans = []
+    for match in _SPAN_RE.finditer(text):
+        span, out_of_grid = _read_span(match.group(1), grid_size, out_of_range)
+        if out_of_range == "clamp":
+            for message in out_of_grid:
+                logger.warning("%s; clamped to %d", message, grid_size - 1)
+        elif out_of_grid:
+            logger.debug("Not a region span (%s): %r", "; ".join(out_of_grid), match.group(0))
+        if span is not None:
+            spans.append(span)
+    return spans
+
+
+def parse_regions(text: str, grid_size: int = GRID_SIZE, out_of_range: str = "clamp") -> list[RegionSpan]:
     """Every well-formed region span in ``text``, in order.
 
-    Out-of-range indices (the released GQA data has ``<|x_8|>``) are clamped to the last cell with a warning;
+    Out-of-range indices (the released GQA data has ``<|x_8|>``) are clamped to the last cell with a warning
+    (``out_of_range="clamp"``, the default) or make the span no region (``"reject"``, the released reading);
     malformed spans (other text inside, no x or no y index) are skipped.
     """
     regions = []
-    for match in _SPAN_RE.finditer(text):
-        region, clamped = _read_span(match.group(1), grid_size)
-        for message in clamped:
-            logger.warning("%s; clamped to %d", message, grid_size - 1)
-        if region is None:
-            logger.debug("Skipping malformed region span %r", match.group(0))
+    for span in find_spans(text, grid_size, out_of_range):
+        if span.complete:
+            regions.append(span.region())
         else:
-            regions.append(region)
+            logger.debug("Skipping malformed region span %r", span.text)
     return regions
 
 
@@ -102,18 +179,26 @@ def region_problems(text: str, grid_size: int = GRID_SIZE) -> list[str]:
     for match in spans:
         region, clamped = _read_span(match.group(1), grid_size)
         problems += clamped
-        if region is None:
+        if region is None or not region.complete:
             problems.append(f"malformed region span {match.group(0)!r}")
     if text.count(REGION_START) != len(spans) or text.count(REGION_END) != len(spans):
         problems.append("unpaired region delimiter")
     return problems
 
 
-def region_to_box(region: RegionSpan, image_size: tuple[int, int], grid_size: int = GRID_SIZE, margin: int = 1) -> Box:
+def region_to_box(
+    region: RegionSpan | SpanCells,
+    image_size: tuple[int, int],
+    grid_size: int = GRID_SIZE,
+    margin: int = 1,
+    nonempty: bool = True,
+) -> Box:
     """Pixel crop box of ``region`` on an image of ``(width, height)``.
 
     The cell bounds are widened by ``margin`` cells on each side and clamped to the grid, then scaled to pixels and
-    truncated, as the released evaluation did. On images narrower than the grid the box is kept one pixel wide.
+    truncated, as the released evaluation did. On images narrower than the grid the box is kept one pixel wide
+    (``nonempty``, the default); ``nonempty=False`` keeps the released formula as it is, which can give an empty box
+    there. An incomplete `SpanCells` raises `ValueError` (the released crop failure).
     """
     if grid_size < 1 or margin < 0:
         raise ValueError(f"Need grid_size >= 1 and margin >= 0, got {grid_size} and {margin}")
@@ -125,6 +210,8 @@ def region_to_box(region: RegionSpan, image_size: tuple[int, int], grid_size: in
     x_min, y_min, x_max, y_max = region.bounds
     x0, y0 = int(clamp(x_min - margin) * width / grid_size), int(clamp(y_min - margin) * height / grid_size)
     x1, y1 = int((clamp(x_max + margin) + 1) * width / grid_size), int((clamp(y_max + margin) + 1) * height / grid_size)
+    if not nonempty:
+        return x0, y0, x1, y1
     return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
 
 
