@@ -358,3 +358,22 @@ def test_run_cli_contract(capsys, monkeypatch):
     monkeypatch.setenv("VPT_DEBUG", "1")
     with pytest.raises(RuntimeError):
         run_cli(fails, [], prog="tool")
+
+
+def test_infer_protocol_released_reports_a_dropped_record(tiny, tmp_path, monkeypatch, capsys):
+    directory, _ = tiny
+    image = tmp_path / "image.png"
+    make_image(size=(64, 48)).save(image)
+    x_only = "<|region_token_start|><|x_1|><|region_token_end|>"
+    run = VPTPipeline.run
+
+    def scripted_run(self, user_texts, images, **kwargs):
+        kwargs["generation_kwargs"] = scripted_kwargs(self.processor, {"Q?": x_only})
+        return run(self, user_texts, images, **kwargs)
+
+    monkeypatch.setattr(VPTPipeline, "run", scripted_run)
+    assert cli(infer(directory, image)) == 0
+    assert "Action: none" in capsys.readouterr().out  # the project skips a span without y indices
+    assert cli(infer(directory, image, "--protocol", "released")) == 0
+    out = capsys.readouterr().out
+    assert "Dropped (released protocol): crop failed" in out and "Action: region" in out

@@ -67,6 +67,12 @@ def _add_infer(subparsers: argparse._SubParsersAction) -> None:
         help="model weights dtype (default: auto, the checkpoint's)",
     )
     parser.add_argument(
+        "--protocol",
+        choices=("project", "released"),
+        default="project",
+        help="routing at the protocol edges: the project's rules or the released ones (see README) (default: project)",
+    )
+    parser.add_argument(
         "--max-new-tokens", type=_positive, default=128, metavar="N", help="token limit of each round (default: 128)"
     )
     parser.set_defaults(handler=_infer)
@@ -149,7 +155,10 @@ def _infer(args: argparse.Namespace) -> int:
         max_image_side=args.max_image_side or None,
         generation_kwargs={"max_new_tokens": args.max_new_tokens},
         on_error="raise",
+        protocol=args.protocol,
     )
+    if result.dropped:
+        print(f"Dropped (released protocol): {result.dropped}")
     print(f"Answer: {result.answer}")
     print(f"Action: {result.action}")
     if result.boxes:
