@@ -9,15 +9,16 @@ _applied = False
 
 
 def apply() -> None:
-    r"""Register the VPT model, template, dataset columns, processors, collator, trainer and YAML keys."""
+    r"""Register the VPT model, template, dataset columns, record checks, processors, collator, trainer and YAML
+    keys."""
     global _applied
     if _applied:
         return
 
     import transformers_vpt  # noqa: F401  (registers the VPT classes with the transformers Auto classes)
 
-    from . import args, collator, data, model, plugin, processors, trainer
+    from . import args, collator, data, model, plugin, processors, records, trainer
 
-    for module in (args, data, plugin, processors, collator, model, trainer):
+    for module in (args, data, records, plugin, processors, collator, model, trainer):
         module.patch()
     _applied = True

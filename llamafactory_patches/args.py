@@ -1,8 +1,12 @@
-"""YAML keys of the VPT model: a `ModelArguments` subclass swapped into LLaMA-Factory's argument parsers."""
+"""YAML keys of VPT: `ModelArguments` and `DataArguments` subclasses swapped into LLaMA-Factory's argument parsers.
+
+Unknown keys are still rejected (the parsers are LLaMA-Factory's own, over the subclasses).
+"""
 
 from dataclasses import dataclass, field
 
 from llamafactory.hparams import parser
+from llamafactory.hparams.data_args import DataArguments
 from llamafactory.hparams.model_args import ModelArguments
 from llamafactory.train import trainer_utils
 
@@ -33,6 +37,13 @@ class VPTModelArguments(ModelArguments):
         default=None,
         metadata={"help": "Number of control-token hidden states concatenated into one projector condition."},
     )
+    vpt_drop_branches: bool = field(
+        default=False,
+        metadata={
+            "help": "Load a checkpoint whose weights hold branches that `vision_encoder_ls` leaves out, dropping "
+            "them (the trained model will not have them). Off: such a load is an error naming the branches."
+        },
+    )
     vpt_added_token_ids: list[int] = field(
         default_factory=list,
         init=False,
@@ -43,6 +54,19 @@ class VPTModelArguments(ModelArguments):
         super().__post_init__()
         if self.vision_encoder_ls is not None:  # a YAML list or a comma string; idempotent for `copyfrom`
             self.vision_encoder_ls = normalize_encoder_list(self.vision_encoder_ls)
+
+
+@dataclass
+class VPTDataArguments(DataArguments):
+    r"""Data arguments plus the VPT record checks (`llamafactory_patches.records`)."""
+
+    vpt_skip_bad_records: bool = field(
+        default=False,
+        metadata={
+            "help": "Train without the records of a `vpt_qwen2_vl` dataset that break the VPT record rules, and log "
+            "how many and which. Off: the first bad records stop the run before tokenisation, with their index."
+        },
+    )
 
 
 VPT_CONFIG_FIELDS = (
@@ -56,7 +80,9 @@ VPT_CONFIG_FIELDS = (
 
 
 def patch() -> None:
-    for arg_classes in (parser._TRAIN_ARGS, parser._INFER_ARGS, parser._EVAL_ARGS):
+    lists = (parser._TRAIN_ARGS, parser._INFER_ARGS, parser._EVAL_ARGS, getattr(parser, "_TRAIN_MCA_ARGS", None))
+    for arg_classes in filter(None, lists):
         arg_classes[arg_classes.index(ModelArguments)] = VPTModelArguments
+        arg_classes[arg_classes.index(DataArguments)] = VPTDataArguments
 
     trainer_utils.ModelArguments = VPTModelArguments  # `copyfrom` for reference and reward models

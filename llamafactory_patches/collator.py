@@ -1,4 +1,5 @@
-"""Batching: the extra image lists become `detection_images`, `seg_images`, `clip_pixel_values`/`clip_images_grid_thw`.
+"""Batching: the extra image lists become `detection_images`, `seg_images`, `clip_pixel_values`/`clip_images_grid_thw`;
+the record ids become `vpt_record`, a (batch, 2) tensor the trainer pops before the forward (see `records`).
 
 Everything else (fake image, M-RoPE positions from `get_rope_index`, 4-D masks, dtype casting) is the upstream
 collator's; the VPT pads are text positions for `get_rope_index`, which is the model's own rule.
@@ -12,6 +13,7 @@ from llamafactory.data.collator import SFTDataCollatorWith4DAttentionMask
 from llamafactory.train.sft import workflow
 
 from .data import EXTRA_IMAGE_KEYS, unpack_paths
+from .records import BATCH_KEY
 
 
 @dataclass
@@ -21,7 +23,10 @@ class VPTDataCollator(SFTDataCollatorWith4DAttentionMask):
             key: [image for feature in features for image in unpack_paths(feature.pop(key, None))]
             for key in EXTRA_IMAGE_KEYS
         }  # popped before the tokenizer pads the features
+        record_ids = [feature.pop(BATCH_KEY, None) for feature in features]
         batch = super().__call__(features)
+        if record_ids and None not in record_ids:  # popped again by the trainer, which names them in errors
+            batch[BATCH_KEY] = torch.tensor(record_ids, dtype=torch.long)
         if any(extra_images.values()):
             extra_inputs = self.template.mm_plugin.get_extra_mm_inputs(self.processor, **extra_images)
             for key, value in extra_inputs.items():

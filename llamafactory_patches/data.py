@@ -2,7 +2,7 @@
 
 The released `dataset_info.json` maps the CLIP images under the column key `depth_images`; it is read as
 `clip_images`. Image paths may carry a crop suffix (`path_x0,y0,x1,y1`): the real path is resolved against
-`media_dir` and the suffix is kept.
+`media_dir` and the suffix is kept. The record id column of checked datasets (`records`) is carried along.
 """
 
 import json
@@ -57,14 +57,22 @@ class VPTDatasetAttr(parser.DatasetAttr):
             self.clip_images = columns.get(RELEASED_CLIP_COLUMN_KEY)
 
 
+RECORD_COLUMN = "_vpt_record"
+"""``[source key, record index]`` of each record of a checked `vpt_qwen2_vl` dataset (see `records`)."""
+
+
 class ExtraImagesConverterMixin:
-    r"""Emits `_detection_images`, `_seg_images` and `_clip_images` (None when absent) next to `_images`."""
+    r"""Emits `_detection_images`, `_seg_images` and `_clip_images` (None when absent) next to `_images`, and
+    keeps the record id column of checked datasets."""
 
     def __call__(self, example: dict[str, Any]) -> dict[str, Any]:
         output = super().__call__(example)
         for key in EXTRA_IMAGE_KEYS:
             column = getattr(self.dataset_attr, key, None)
             output[f"_{key}"] = pack_paths(self._find_medias(example[column]) if column else None)
+
+        if RECORD_COLUMN in example:
+            output[RECORD_COLUMN] = example[RECORD_COLUMN]
 
         return output
 

@@ -2,7 +2,9 @@
 
 * `patch_tokenizer` adds the VPT tokens of the branches in use (the YAML's `vision_encoder_ls`, else the
   checkpoint's) before the dataset is tokenized, so placeholders and action tokens are single tokens.
-* `patch_config` copies the YAML's VPT fields into a VPT config and fills its token ids from the tokenizer.
+* `patch_config` copies the YAML's VPT fields into a VPT config and fills its token ids from the tokenizer;
+  `vpt_drop_branches: true` becomes `from_pretrained(..., drop_branches=True)` (without it, a checkpoint whose
+  weights hold branches that `vision_encoder_ls` leaves out does not load).
 * `patch_model` initialises the embedding rows of tokens added in this run (see `init_added_token_rows`).
 * `freeze_vision_tower` also freezes DINOv2 and SAM; the projectors are trainable in full fine-tuning, never LoRA
   targets, and reachable with `additional_target` under LoRA.
@@ -62,15 +64,19 @@ def _wrap_patch_config(patch_config):
         values = {name: getattr(model_args, name) for name in VPT_CONFIG_FIELDS}
         values = {name: value for name, value in values.items() if value is not None}
         if not isinstance(config, VPT_Qwen2VLConfig):
-            if values:
+            set_keys = sorted(values) + (["vpt_drop_branches"] if model_args.vpt_drop_branches else [])
+            if set_keys:
                 raise ValueError(
-                    f"{sorted(values)} are set but {model_args.model_name_or_path} is not a VPT checkpoint "
+                    f"{set_keys} are set but {model_args.model_name_or_path} is not a VPT checkpoint "
                     f"(model_type {config.model_type!r}); build one with scripts/prepare_weights.py"
                 )
             return
 
         for name, value in values.items():
             setattr(config, name, value)
+
+        if model_args.vpt_drop_branches:  # else loading refuses weights of branches vision_encoder_ls leaves out
+            init_kwargs["drop_branches"] = True
 
         _add_tokens(tokenizer, model_args, config.vision_encoder_ls, config)
         config.validate_vpt()

@@ -14,12 +14,14 @@ from llamafactory.extras.constants import IGNORE_INDEX
 
 from transformers_vpt.vocabulary import BRANCH_TOKENS, token_id
 
-from .data import EXTRA_IMAGE_KEYS, pack_paths, unpack_paths
+from .data import EXTRA_IMAGE_KEYS, RECORD_COLUMN, pack_paths, unpack_paths
 from .plugin import TEMPLATE_NAME, VPTQwen2VLPlugin
+from .records import BATCH_KEY
 
 
 class ExtraImagesProcessorMixin:
-    r"""Encodes each example with its extra images bound to the plugin and keeps them as dataset columns."""
+    r"""Encodes each example with its extra images bound to the plugin and keeps them, and the record id
+    (`vpt_record`), as dataset columns."""
 
     def preprocess_dataset(self, examples: dict[str, list[Any]]) -> dict[str, list[Any]]:
         plugin = self.template.mm_plugin
@@ -39,6 +41,9 @@ class ExtraImagesProcessorMixin:
 
                 for key, images in extra.items():
                     model_inputs[key].append(pack_paths(images))
+
+                if RECORD_COLUMN in example:  # the record id, for errors raised by a batch (see `records`)
+                    model_inputs[BATCH_KEY].append(example[RECORD_COLUMN][0])
 
         return model_inputs
 

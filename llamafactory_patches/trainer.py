@@ -9,6 +9,9 @@ encoder is frozen, and recomputed each step when it trains.
 
 Under DeepSpeed ZeRO-3 or FSDP the model's own uniform mode (`uniform_module_calls`) is on: its forward already
 runs every branch once with a zero contribution, so this term is not added (it would call the modules again).
+
+Each batch carries its dataset record ids (`vpt_record`, see `records`): they are popped before the forward, and
+a `ValueError` of the forward ("Sample i ...") is raised again naming the dataset record of that row.
 """
 
 from typing import Any
@@ -21,6 +24,8 @@ from typing_extensions import override
 
 from transformers_vpt import VPT_Qwen2VLForConditionalGeneration
 from transformers_vpt.perception import VisionBranch
+
+from .records import BATCH_KEY, naming_records
 
 DUMMY_IMAGE_SIZE = 64
 
@@ -59,7 +64,8 @@ class VPTSeq2SeqTrainer(CustomSeq2SeqTrainer):
 
     @override
     def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, **kwargs):
-        result = super().compute_loss(model, inputs, return_outputs, **kwargs)
+        with naming_records(inputs.pop(BATCH_KEY, None)):  # a "Sample i" error names its dataset record
+            result = super().compute_loss(model, inputs, return_outputs, **kwargs)
         vpt_model = self.accelerator.unwrap_model(model)
         if hasattr(vpt_model, "get_base_model"):  # peft
             vpt_model = vpt_model.get_base_model()
@@ -75,6 +81,11 @@ class VPTSeq2SeqTrainer(CustomSeq2SeqTrainer):
             return loss + self.zero_branch_loss(vpt_model), outputs
 
         return result + self.zero_branch_loss(vpt_model)
+
+    @override
+    def prediction_step(self, model, inputs: dict[str, Any], *args, **kwargs):
+        with naming_records(inputs.pop(BATCH_KEY, None)):
+            return super().prediction_step(model, inputs, *args, **kwargs)
 
 
 def patch() -> None:

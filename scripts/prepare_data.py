@@ -5,14 +5,16 @@ The released JSON files name images by absolute paths on the authors' machines, 
 "depth_images" (the data loader reads "clip_images") and contain a few broken records. This script writes a copy of
 each file with rewritten image paths and "clip_images" instead of "depth_images", and reports every problem by file
 and record index. Records are never dropped or otherwise changed, so a report can be acted on without losing data.
+The record rules are those of `transformers_vpt.records`, the rules training enforces (llamafactory_patches).
 
-Exit status: 0 when no problem was found, 1 when problems were found (the files are still written), 2 on usage errors.
+Exit status: 0 when no problem was found; 1 when problems were found (every readable file is still written; a file
+that cannot be read as a JSON list is not, and the summary says so); 2 on usage errors and failures (one line on
+stderr; --debug shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -21,18 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from tqdm import tqdm
 
-from transformers_vpt.regions import Box, region_problems, split_crop_path
-from transformers_vpt.vocabulary import BRANCH_TOKENS, GRID_SIZE, IMAGE_PLACEHOLDER
+from transformers_vpt.errors import run_cli
+from transformers_vpt.records import IMAGE_KINDS, ImageChecker, record_problems
+from transformers_vpt.regions import split_crop_path
+from transformers_vpt.vocabulary import BRANCH_TOKENS, GRID_SIZE
 
-# (column, text placeholder) of every image kind a record can carry.
-IMAGE_KINDS = [("images", IMAGE_PLACEHOLDER)] + [(b.images_key, b.placeholder) for b in BRANCH_TOKENS.values()]
 CLIP_KEY = BRANCH_TOKENS["clip"].images_key
 LEGACY_CLIP_KEY = "depth_images"
 IMAGE_KEYS = [key for key, _ in IMAGE_KINDS] + [LEGACY_CLIP_KEY]
-TURN_ROLES = ("user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -85,35 +85,6 @@ class PathRewriter:
         return path
 
 
-def read_image_size(path: str) -> tuple[int, int] | str:
-    """``(width, height)`` from the image header, or the reason it cannot be read."""
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except OSError as error:
-        return str(error)
-
-
-class ImageChecker:
-    """Checks that image files exist and that crop boxes fit, caching per file (region records reuse images)."""
-
-    def __init__(self) -> None:
-        self._exists = functools.cache(os.path.isfile)
-        self._size = functools.cache(read_image_size)
-
-    def __call__(self, real_path: str, box: Box | None) -> str | None:
-        if not self._exists(real_path):
-            return f"missing image file {real_path}"
-        if box is None:
-            return None
-        size = self._size(real_path)
-        if isinstance(size, str):
-            return f"unreadable image {real_path}: {size}"
-        if box[2] > size[0] or box[3] > size[1]:
-            return f"crop box {box} lies outside the {size[0]}x{size[1]} image {real_path}"
-        return None
-
-
 def merge_depth_images(record: Any) -> tuple[Any, list[str]]:
     """Write the released ``depth_images`` column as ``clip_images``, at the same position in the record."""
     if not isinstance(record, dict) or LEGACY_CLIP_KEY not in record:
@@ -142,50 +113,6 @@ def rewrite_paths(record: Any, rewrite: PathRewriter) -> Any:
     }
 
 
-def message_problems(messages: Any) -> list[str]:
-    if not isinstance(messages, list) or not messages:
-        return ["messages is not a non-empty list"]
-    problems = [
-        f"messages[{i}] is not a {{role, content}} object with string content"
-        for i, message in enumerate(messages)
-        if not (isinstance(message, dict) and isinstance(message.get("content"), str))
-    ]
-    roles = [message.get("role") if isinstance(message, dict) else None for message in messages]
-    turns = roles[1:] if roles[0] == "system" else roles
-    if not turns or len(turns) % 2 or any(role != TURN_ROLES[i % 2] for i, role in enumerate(turns)):
-        problems.append(f"roles {roles} do not alternate user, assistant (after an optional system turn)")
-    return problems
-
-
-def record_problems(record: Any, grid_size: int, check_image: ImageChecker | None) -> list[str]:
-    """Every problem of one record: message structure, placeholder counts, region spans, crop paths, files."""
-    if not isinstance(record, dict):
-        return ["record is not a JSON object"]
-    messages = record.get("messages")
-    problems = message_problems(messages)
-    texts = [m["content"] for m in messages or [] if isinstance(m, dict) and isinstance(m.get("content"), str)]
-    for text in texts:
-        problems += region_problems(text, grid_size)
-    for key, placeholder in IMAGE_KINDS:
-        paths = record.get(key, [])
-        if not (isinstance(paths, list) and all(isinstance(p, str) for p in paths)):
-            problems.append(f"{key} is not a list of path strings")
-            continue
-        count = sum(text.count(placeholder) for text in texts)
-        if count != len(paths):
-            problems.append(f"{count} {placeholder} placeholders but {len(paths)} {key}")
-        for i, path in enumerate(paths):
-            try:
-                real_path, box = split_crop_path(path)
-            except ValueError as error:
-                problems.append(f"{key}[{i}]: {error}")
-                continue
-            problem = check_image(real_path, box) if check_image else None
-            if problem:
-                problems.append(f"{key}[{i}]: {problem}")
-    return problems
-
-
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write through a temporary file in the same folder, so a reader never sees a half-written file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -200,16 +127,32 @@ def write_json_atomic(path: Path, data: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def process_file(
-    src: Path, dst: Path, rewrite: PathRewriter, grid_size: int, check_image: ImageChecker | None
-) -> tuple[int, list[Problem]]:
-    """Rewrite, check and write one file; returns its record count and problems."""
+@dataclass(frozen=True)
+class FileResult:
+    """What happened to one input file: its record count, its problems, and whether its output was written."""
+
+    name: str
+    records: int
+    problems: list[Problem]
+    written: bool
+
+
+def read_records(src: Path) -> list | str:
+    """The records of ``src``, or why they cannot be read."""
     try:
         records = json.loads(src.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        return 0, [Problem(src.name, None, f"cannot read JSON ({error}); not written")]
-    if not isinstance(records, list):
-        return 0, [Problem(src.name, None, "not a JSON list of records; not written")]
+    except (OSError, ValueError, RecursionError) as error:
+        return f"cannot read JSON ({' '.join(str(error).split())})"
+    return records if isinstance(records, list) else "not a JSON list of records"
+
+
+def process_file(
+    src: Path, dst: Path, rewrite: PathRewriter, grid_size: int, check_image: ImageChecker | None
+) -> FileResult:
+    """Rewrite, check and write one file; a file that cannot be read is one problem and is not written."""
+    records = read_records(src)
+    if isinstance(records, str):
+        return FileResult(src.name, 0, [Problem(src.name, None, f"{records}; not written")], written=False)
     problems = []
     for index, record in enumerate(tqdm(records, desc=src.name, unit="record", disable=None)):
         record, found = merge_depth_images(record)
@@ -217,7 +160,7 @@ def process_file(
         found += record_problems(record, grid_size, check_image)
         problems += [Problem(src.name, index, message) for message in found]
     write_json_atomic(dst, records)
-    return len(records), problems
+    return FileResult(src.name, len(records), problems, written=True)
 
 
 def collect_inputs(paths: Sequence[Path], output_dir: Path) -> list[tuple[Path, Path]]:
@@ -242,11 +185,20 @@ def collect_inputs(paths: Sequence[Path], output_dir: Path) -> list[tuple[Path, 
     return pairs
 
 
-def summary_table(rows: Sequence[tuple[str, int, int]]) -> str:
-    lines = [("file", "records", "problems")] + [(name, str(n), str(k)) for name, n, k in rows]
-    lines.append(("total", str(sum(n for _, n, _ in rows)), str(sum(k for _, _, k in rows))))
-    width = max(len(name) for name, _, _ in lines)
-    return "\n".join(f"{name:<{width}}  {n:>9}  {k:>9}" for name, n, k in lines)
+def summary_table(results: Sequence[FileResult]) -> str:
+    """One row per file (records, problems, written or not) and a total row."""
+    unwritten = sum(not r.written for r in results)
+    lines = [("file", "records", "problems", "output")]
+    lines += [
+        (r.name, str(r.records) if r.written else "-", str(len(r.problems)), "written" if r.written else "not written")
+        for r in results
+    ]
+    total_output = f"{unwritten} not written" if unwritten else "all written"
+    lines.append(
+        ("total", str(sum(r.records for r in results)), str(sum(len(r.problems) for r in results)), total_output)
+    )
+    width = max(len(line[0]) for line in lines)
+    return "\n".join(f"{name:<{width}}  {n:>9}  {k:>9}  {out}" for name, n, k, out in lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,10 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="print at most N problems per file; --report lists them all (default: %(default)s)",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of a failure (also: VPT_DEBUG=1)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: exit status 0 / 1 (see the module docstring); a failure is one line on stderr and 2."""
+    return run_cli(_main, argv, prog="prepare_data.py")
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -311,29 +269,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     check_image = ImageChecker() if args.check_files else None
 
-    rows, problems = [], []
+    results = []
     for src, dst in pairs:
-        count, found = process_file(src, dst, rewrite, args.grid_size, check_image)
-        for problem in found[: args.max_print]:
+        result = process_file(src, dst, rewrite, args.grid_size, check_image)
+        for problem in result.problems[: args.max_print]:
             print(problem)
-        if len(found) > args.max_print:
-            print(f"{src.name}: ... and {len(found) - args.max_print} more problems")
-        rows.append((src.name, count, len(found)))
-        problems += found
+        if len(result.problems) > args.max_print:
+            print(f"{src.name}: ... and {len(result.problems) - args.max_print} more problems")
+        results.append(result)
 
-    print(summary_table(rows))
+    print(summary_table(results))
+    problems = [problem for result in results for problem in result.problems]
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(
             args.report,
             {
-                "files": [{"file": name, "records": n, "problems": k} for name, n, k in rows],
+                "files": [
+                    {"file": r.name, "records": r.records, "problems": len(r.problems), "written": r.written}
+                    for r in results
+                ],
                 "problems": [{"file": p.file, "index": p.index, "message": p.message} for p in problems],
             },
         )
+    unwritten = [r.name for r in results if not r.written]
+    if unwritten:
+        print(f"Not written (cannot be read as a JSON list of records): {', '.join(unwritten)}.")
     if problems:
+        kept = "All readable files were written" if unwritten else "All records were written"
         print(
-            f"Found {len(problems)} problems. All records were written; only image paths and the "
+            f"Found {len(problems)} problems. {kept}; only image paths and the "
             f"{LEGACY_CLIP_KEY} column name were changed."
         )
         return 1

@@ -90,3 +90,45 @@ def test_unused_layers_are_not_built():
                                  "seg_projector.linear_feature")) for n in names)
     assert {"detection_projector.layernorm_feature.weight", "detection_projector.linear_feature.weight",
             "seg_projector.conv_feature.weight", "clip_projector.linear_condition.weight"} <= names
+
+
+BRANCH_PREFIXES = ("detection_model.", "detection_projector.", "seg_model.", "seg_projector.", "clip_projector.")
+
+
+def test_dropping_trained_branches_needs_the_opt_in(tmp_path, caplog):
+    make_model(seed=3).save_pretrained(tmp_path / "full")
+    with pytest.raises(ValueError, match=r"the sam, clip branches \(seg_model, seg_projector, clip_projector: \d+ "
+                                         r"tensors\).*drop_branches=True.*vpt_drop_branches: true"):
+        VPT_Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "full", vision_encoder_ls=["dino"])
+    with pytest.raises(ValueError, match=r"the clip branch \(clip_projector"):
+        AutoModelForImageTextToText.from_pretrained(tmp_path / "full", vision_encoder_ls=["dino", "sam"])
+
+    with caplog.at_level(logging.WARNING, logger="transformers_vpt.models.qwen2_vl_vpt.modeling_qwen2_vl_vpt"):
+        model, info = AutoModelForImageTextToText.from_pretrained(
+            tmp_path / "full", vision_encoder_ls=["dino"], drop_branches=True, output_loading_info=True
+        )
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    assert "Dropped the sam, clip branches" in caplog.text
+    model.save_pretrained(tmp_path / "dino")  # the opt-in is the only way to a checkpoint without them
+    saved = {key.split(".")[0] + "." for key in load_file(tmp_path / "dino" / "model.safetensors")}
+    assert saved & set(BRANCH_PREFIXES) == {"detection_model.", "detection_projector."}
+    VPT_Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "dino")  # consistent now: loads without it
+
+
+def test_a_config_that_leaves_out_a_branch_of_its_weights_does_not_load(tmp_path):
+    make_model(seed=3).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["vision_encoder_ls"] = ["sam", "clip"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"the dino branch \(detection_model, detection_projector"):
+        AutoModelForImageTextToText.from_pretrained(tmp_path)
+
+
+def test_released_clip_projector_is_a_branch_but_unused_layers_are_not(tmp_path):
+    write_released_checkpoint(make_model(seed=5), tmp_path, "safetensors")
+    with pytest.raises(ValueError, match=r"the clip branch \(clip_projector: 4 tensors\)"):  # depth_projector.*
+        AutoModelForImageTextToText.from_pretrained(tmp_path, vision_encoder_ls=["dino", "sam"])
+    model, info = AutoModelForImageTextToText.from_pretrained(
+        tmp_path, vision_encoder_ls=["dino", "sam"], drop_branches=True, output_loading_info=True
+    )
+    assert info["unexpected_keys"] == [] and not hasattr(model, "clip_projector")

@@ -157,6 +157,8 @@ def test_collator_batches_every_kind(tiny, dataset, tmp_path):
         kind = next((key for key in ("detection_images", "seg_images", "clip_images") if unpack_paths(row[key])), "plain")
         picked.setdefault(kind, row)
     batch = collator([dict(row) for row in picked.values()])
+    records = batch.pop("vpt_record")  # [source key, index in its file] per row, popped by the trainer
+    assert records.shape == (len(picked), 2) and records.dtype == torch.long
 
     assert batch["detection_images"].shape == (1, 3, 28, 28) and batch["seg_images"].shape == (1, 3, 64, 64)
     assert batch["clip_images_grid_thw"].shape == (1, 3)

@@ -122,8 +122,8 @@ def test_full_run_reports_every_problem_and_keeps_every_record(prep, dataset, ca
         found.setdefault((p["file"], p["index"]), []).append(p["message"])
     assert found == expected
     assert data["files"] == [
-        {"file": "CLIP_action_train.json", "records": 3, "problems": 2},
-        {"file": "GQA_region_train.json", "records": 5, "problems": 4},
+        {"file": "CLIP_action_train.json", "records": 3, "problems": 2, "written": True},
+        {"file": "GQA_region_train.json", "records": 5, "problems": 4, "written": True},
     ]
 
     for name, records in [("GQA_region_train.json", GQA), ("CLIP_action_train.json", CLIP_RECORDS)]:
@@ -142,7 +142,7 @@ def test_clean_data_exits_zero(prep, dataset, capsys):
     assert run_main(prep, released, new, out) == 0
     stdout = capsys.readouterr().out
     assert "No problems found." in stdout
-    assert stdout.splitlines()[-2].split() == ["total", "3", "0"]
+    assert stdout.splitlines()[-2].split() == ["total", "3", "0", "all", "written"]
 
 
 def test_no_check_files_skips_file_checks(prep, dataset, capsys):
@@ -177,7 +177,9 @@ def test_output_is_replaced_atomically(prep, dataset, monkeypatch):
 
     monkeypatch.setattr(prep.json, "dump", broken_dump)
     with pytest.raises(RuntimeError):
-        run_main(prep, released / "GQA_region_train.json", new, out)
+        run_main(prep, released / "GQA_region_train.json", new, out, "--debug")
+    assert target.read_text() == "old contents"
+    assert run_main(prep, released / "GQA_region_train.json", new, out) == 2  # one line, see the CLI test
     assert target.read_text() == "old contents"
     assert [p.name for p in out.iterdir()] == [target.name]
 
@@ -196,6 +198,22 @@ def test_unreadable_input_is_reported_and_not_written(prep, dataset, capsys):
     assert "dataset_info.json: not a JSON list of records; not written" in stdout
     assert "broken.json: cannot read JSON" in stdout
     assert not (out / "dataset_info.json").exists() and not (out / "broken.json").exists()
+    rows = {line.split()[0]: line.split()[1:] for line in stdout.splitlines()}
+    assert rows["broken.json"] == ["-", "1", "not", "written"]
+    assert rows["dataset_info.json"] == ["-", "1", "not", "written"]
+    assert rows["GQA_region_train.json"][-1] == "written"
+    assert rows["total"] == ["8", "6", "2", "not", "written"]
+    assert "Not written (cannot be read as a JSON list of records): broken.json, dataset_info.json." in stdout
+
+
+def test_only_unreadable_input_still_exits_nonzero(prep, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "empty.json").write_bytes(b"\xff\xfe not utf-8")
+    assert prep.main(["--input", str(tmp_path / "in"), "--output-dir", str(tmp_path / "out")]) == 1
+    stdout = capsys.readouterr().out
+    assert "empty.json: cannot read JSON" in stdout
+    assert stdout.splitlines()[-3].split() == ["total", "0", "1", "1", "not", "written"]
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 @pytest.mark.parametrize(
@@ -242,5 +260,56 @@ def test_script_runs_as_a_subprocess(dataset):
     result = subprocess.run([*command, "--image-root", f"{OLD}={new}"], capture_output=True, text=True)
     assert result.returncode == 1, result.stderr
     assert "GQA_region_train.json[2]: 3 <image> placeholders but 2 images" in result.stdout
-    assert result.stdout.splitlines()[-2].split() == ["total", "8", "6"]
+    assert result.stdout.splitlines()[-2].split() == ["total", "8", "6", "all", "written"]
     assert sorted(p.name for p in out.iterdir()) == ["CLIP_action_train.json", "GQA_region_train.json"]
+
+
+def test_decompression_bomb_is_a_problem_of_its_records(prep, dataset, monkeypatch, capsys):
+    """An image over PIL's pixel limit is reported for every record that uses it; the run goes on."""
+    released, new, out = dataset
+    (released / "GQA_region_train.json").write_text(json.dumps([GOOD_REGION, CLIP_RECORDS[1]]))
+    (released / "CLIP_action_train.json").unlink()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # dog.jpg (800x400) is a bomb, cat.png (64x48) is not
+    assert run_main(prep, released, new, out) == 1
+    stdout = capsys.readouterr().out
+    for i in (0, 1):
+        assert f"GQA_region_train.json[0]: images[{i}]: image {new}/gqa/dog.jpg is too large to decode safely" in stdout
+    assert "GQA_region_train.json[1]" not in stdout
+    assert stdout.splitlines()[-2].split() == ["total", "2", "2", "all", "written"]
+    assert len(json.loads((out / "GQA_region_train.json").read_text())) == 2
+
+
+def test_unreadable_image_is_a_problem_of_its_record(prep, dataset, capsys):
+    released, new, out = dataset
+    (new / "gqa" / "dog.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (released / "CLIP_action_train.json").unlink()
+    assert run_main(prep, released, new, out) == 1
+    stdout = capsys.readouterr().out
+    assert f"GQA_region_train.json[0]: images[0]: cannot read image {new}/gqa/dog.jpg" in stdout
+    assert "GQA_region_train.json[3]: images[0]: missing image file" in stdout
+
+
+def test_crop_boxes_are_checked_in_viewer_pixels(prep, tmp_path, capsys):
+    """A JPEG stored 40x80 with EXIF orientation 6 (rotate 90) is 80x40 on screen, where crop boxes live."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 80), "blue").save(tmp_path / "rotated.jpg", exif=exif)
+    path = str(tmp_path / "rotated.jpg")
+    records = [
+        record(chat("<image>\nQ", "<image>", "<image>", "A"), images=[path, f"{path}_0,0,70,30", f"{path}_0,0,30,70"])
+    ]
+    (tmp_path / "in.json").write_text(json.dumps(records))
+    assert prep.main(["--input", str(tmp_path / "in.json"), "--output-dir", str(tmp_path / "out")]) == 1
+    problems = [line for line in capsys.readouterr().out.splitlines() if line.startswith("in.json[")]
+    assert problems == [f"in.json[0]: images[2]: crop box (0, 0, 30, 70) lies outside the 80x40 image {path}"]
+
+
+def test_failures_are_one_line_and_exit_2(prep, dataset, capsys):
+    released, new, out = dataset
+    out.write_text("a file where the output folder should be")
+    assert run_main(prep, released, new, out) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and stderr.startswith("prepare_data.py: error: ")
+    assert "File exists" in stderr and "Traceback" not in stderr
+    with pytest.raises(FileExistsError):
+        run_main(prep, released, new, out, "--debug")

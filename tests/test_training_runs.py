@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -36,7 +37,7 @@ def workdir(tmp_path_factory):
     return directory
 
 
-def run(workdir: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+def run(workdir: Path, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
     environment = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # torchrun is called by name
@@ -48,7 +49,7 @@ def run(workdir: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     }
     # bounded: a distributed hang fails the test instead of blocking the suite
     result = subprocess.run(args, cwd=workdir, env=environment, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert result.returncode == 0 or not check, result.stdout[-3000:] + result.stderr[-6000:]
     return result
 
 
@@ -84,6 +85,25 @@ def test_instruction_loss_decreases_and_checkpoints_keep_the_processor(workdir):
         assert processor.detection_processor_config["crop_size"] == {"height": 28, "width": 28}
     config = json.loads((output_dir / "config.json").read_text())
     assert (config["num_inner_forward_run"], config["para_mask_id"], config["para_mask_ratio"]) == (2, 1, 0.5)
+
+
+def test_a_bad_record_stops_the_run_before_any_step(workdir):
+    data = workdir / "outputs/tiny/data"
+    records = json.loads((data / "synthetic_vpt_dino_train.json").read_text())
+    index = next(i for i, record in enumerate(records) if "<|region_token_start|>" in record["messages"][1]["content"])
+    answer = records[index]["messages"][1]
+    answer["content"] = re.sub(r"<\|x_[0-7]\|>", "<|x_8|>", answer["content"], count=1)  # split into text pieces
+    (data / "bad_x8.json").write_text(json.dumps(records))
+    info = json.loads((data / "dataset_info.json").read_text())
+    info["bad_x8"] = {**info["synthetic_vpt_dino_train"], "file_name": "bad_x8.json"}
+    (data / "dataset_info.json").write_text(json.dumps(info))
+
+    command = (str(BIN / "llamafactory-cli"), "train", str(RECIPES / "instruction.yaml"))
+    result = run(workdir, *command, "dataset=bad_x8", "output_dir=outputs/tiny/runs/bad", check=False)
+    assert result.returncode != 0
+    assert f"outputs/tiny/data/bad_x8.json[{index}]: <|x_8|> is out of range for a 8x8 grid" in result.stderr
+    assert "vpt_skip_bad_records: true" in result.stderr
+    assert not (workdir / "outputs/tiny/runs/bad/trainer_log.jsonl").exists()
 
 
 def test_ddp_two_processes_without_find_unused_parameters(workdir):

@@ -15,6 +15,7 @@ modules in the same order: `uniform_module_calls` makes every forward do so (see
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Optional
 
@@ -46,6 +47,32 @@ UNUSED_RELEASED_KEYS = (
     r"^clip_projector\.linear_feature\.",
     r"^seg_projector\.linear_feature\.",
 )
+RELEASED_CLIP_PROJECTOR = "depth_projector"
+"""The released CLIP checkpoint's name of `clip_projector` (renamed on load)."""
+
+# Whether the `from_pretrained` call in progress may drop branches the config does not build (`drop_branches`).
+_DROP_BRANCHES: ContextVar[bool] = ContextVar("vpt_drop_branches", default=False)
+
+
+def _branch_modules(branch: VisionBranch) -> tuple[str, ...]:
+    """The module names a branch's checkpoint tensors start with (the released CLIP name included)."""
+    names = (branch.encoder_attr, branch.projector_attr)
+    if branch.kind == "clip":
+        names += (RELEASED_CLIP_PROJECTOR,)
+    return tuple(name for name in names if name)
+
+
+def _unbuilt_branch_keys(keys: list[str], built: list[str]) -> dict[str, list[str]]:
+    """The checkpoint keys of every branch that is not built, by branch kind (only branches with keys)."""
+    found = {}
+    for kind, branch in BRANCHES.items():
+        if kind in built:
+            continue
+        prefixes = tuple(f"{name}." for name in _branch_modules(branch))
+        branch_keys = [key for key in keys if key.startswith(prefixes)]
+        if branch_keys:
+            found[kind] = branch_keys
+    return found
 
 
 @dataclass
@@ -142,9 +169,29 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
     @staticmethod
     def _fix_state_dict_key_on_load(key: str) -> tuple[str, bool]:
         # The released CLIP checkpoint names its projector `depth_projector`.
-        if key.startswith("depth_projector."):
-            return "clip_projector." + key[len("depth_projector.") :], True
+        if key.startswith(f"{RELEASED_CLIP_PROJECTOR}."):
+            return "clip_projector." + key[len(RELEASED_CLIP_PROJECTOR) + 1 :], True
         return Qwen2VLForConditionalGeneration._fix_state_dict_key_on_load(key)
+
+    @classmethod
+    def from_pretrained(cls, *args, drop_branches: bool = False, **kwargs):
+        r"""`PreTrainedModel.from_pretrained`, which also refuses to drop trained branches silently.
+
+        A checkpoint whose weights hold a branch (`detection_model`/`detection_projector`, `seg_model`/
+        `seg_projector`, `clip_projector`) that the config's `vision_encoder_ls` leaves out (e.g.
+        `from_pretrained(dir, vision_encoder_ls=["dino"])` on a dino+sam+clip checkpoint) raises `ValueError` naming
+        the branches: the model would not hold their weights, and a checkpoint saved from it would lose them.
+
+        Args:
+            drop_branches (`bool`, *optional*, defaults to `False`):
+                Load such a checkpoint anyway, leaving those branches out (logged at WARNING). LLaMA-Factory:
+                `vpt_drop_branches: true`.
+        """
+        token = _DROP_BRANCHES.set(bool(drop_branches))
+        try:
+            return super().from_pretrained(*args, **kwargs)
+        finally:
+            _DROP_BRANCHES.reset(token)
 
     def _adjust_missing_and_unexpected_keys(self, missing_keys, unexpected_keys, loading_task_model_from_base):
         missing, unexpected = super()._adjust_missing_and_unexpected_keys(
@@ -153,7 +200,29 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         dropped = sorted(set(unexpected_keys) - set(unexpected))
         if dropped:
             logger.info(f"Dropped {len(dropped)} checkpoint tensors of unused released projector layers: {dropped}")
+        unbuilt = _unbuilt_branch_keys(unexpected, self.config.vision_encoder_ls)
+        if unbuilt:
+            self._drop_unbuilt_branches(unbuilt)
+            dropped_keys = {key for keys in unbuilt.values() for key in keys}
+            unexpected = [key for key in unexpected if key not in dropped_keys]
         return missing, unexpected
+
+    def _drop_unbuilt_branches(self, unbuilt: dict[str, list[str]]) -> None:
+        """Raise for checkpoint branches the config does not build, unless `from_pretrained(drop_branches=True)`."""
+        kinds = sorted(unbuilt, key=list(BRANCHES).index)
+        modules = list(dict.fromkeys(key.split(".", 1)[0] for kind in kinds for key in sorted(unbuilt[kind])))
+        count = sum(len(keys) for keys in unbuilt.values())
+        what = f"the {', '.join(kinds)} branch{'es' if len(kinds) > 1 else ''} ({', '.join(modules)}: {count} tensors)"
+        if _DROP_BRANCHES.get():
+            logger.warning(f"Dropped {what} of the checkpoint (drop_branches=True): the model does not build them.")
+            return
+        path = self.config.name_or_path or "(no path)"
+        raise ValueError(
+            f"The checkpoint {path} holds trained weights of {what} that this model does "
+            f"not build (vision_encoder_ls={self.config.vision_encoder_ls}): they would be dropped, and a checkpoint "
+            f"saved from it would lose them. Keep them by adding {kinds} to vision_encoder_ls, or drop them on "
+            "purpose with from_pretrained(..., drop_branches=True) (LLaMA-Factory YAML: vpt_drop_branches: true)."
+        )
 
     # ------------------------------------------------------------------ helpers
     def _branch_token_ids(self, branch: VisionBranch, field: str) -> Optional[int]:
