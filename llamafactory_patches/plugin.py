@@ -4,7 +4,6 @@ Placeholder expansion and the extra tensors come from `VPT_Qwen2VLProcessor` (`e
 `preprocess_extra_images`); the plugin only loads images (crop paths included) and counts them.
 """
 
-import dataclasses
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +18,8 @@ from typing_extensions import override
 from transformers_vpt import VPT_Qwen2VLProcessor
 from transformers_vpt.regions import open_image
 from transformers_vpt.vocabulary import BRANCH_TOKENS
+
+from .template import released_qwen2_vl_template
 
 TEMPLATE_NAME = "vpt_qwen2_vl"
 
@@ -106,4 +107,4 @@ def patch() -> None:
     plugin = mm_plugin.get_mm_plugin(
         TEMPLATE_NAME, image_token=base.mm_plugin.image_token, video_token=base.mm_plugin.video_token
     )
-    TEMPLATES[TEMPLATE_NAME] = dataclasses.replace(base, mm_plugin=plugin)
+    TEMPLATES[TEMPLATE_NAME] = released_qwen2_vl_template(base, plugin)  # the released labels (template.py)

@@ -119,6 +119,23 @@ def test_action_labels_are_masked(dataset):
     assert masked > 0
 
 
+def test_labels_have_the_released_form(dataset):
+    """Assistant turns train `{content}<|im_end|>`; the newline after it opens the next user turn (a prompt token),
+    and a sequence ends with `<|im_end|>`, as LLaMA-Factory 0.9.1's template made them."""
+    tokenizer = build_tiny_tokenizer()
+    im_end, newline = token_id(tokenizer, "<|im_end|>"), tokenizer.encode("\n")
+    multi_turn = 0
+    for row in dataset:
+        ids, labels = row["input_ids"], row["labels"]
+        assert ids[-1] == labels[-1] == im_end
+        ends = [i for i, label in enumerate(labels[:-1]) if label == im_end]
+        for i in ends:  # the end of an assistant turn that is not the last
+            assert ids[i + 1 : i + 1 + len(newline)] == newline
+            assert all(label == IGNORE_INDEX for label in labels[i + 1 : i + 1 + len(newline)])
+        multi_turn += bool(ends)
+    assert multi_turn > 0
+
+
 def test_crop_paths_and_released_clip_column(tiny, tmp_path):
     records = json.loads((tiny["data"] / "synthetic_vpt_clip_train.json").read_text())
     for record in records:

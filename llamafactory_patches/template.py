@@ -1,0 +1,41 @@
+"""The released Qwen2-VL tokenisation for the `vpt_qwen2_vl` template.
+
+The released models were trained with LLaMA-Factory 0.9.1's `qwen2_vl` template: an assistant turn is
+``{content}<|im_end|>`` (supervised), and the ``\\n`` after it is a separator that opens the *next* user turn (not
+supervised); the sequence ends with ``<|im_end|>``. LLaMA-Factory 0.9.5's `qwen2_vl` template formats an assistant
+turn as ``{content}<|im_end|>\\n``, so it also supervises that newline and ends every sequence with one. The rendered
+text of a conversation is the same in both; only which tokens are labels, and the final newline, differ.
+"""
+
+from dataclasses import dataclass, fields
+
+from llamafactory.data.formatter import FunctionFormatter, StringFormatter
+from llamafactory.data.template import Template
+from llamafactory.data.data_utils import Role
+
+SEPARATOR = "\n"
+"""What 0.9.1 put between an assistant turn and the next user turn, on the user's (prompt) side."""
+
+
+@dataclass
+class ReleasedQwen2VLTemplate(Template):
+    r"""`Template` whose user turns after the first start with the released separator (see the module docstring)."""
+
+    def _encode(self, tokenizer, messages, system, tools) -> list[list[int]]:
+        encoded = super()._encode(tokenizer, messages, system, tools)
+        separator = tokenizer.encode(SEPARATOR, add_special_tokens=False)
+        return [
+            separator + ids if i > 0 and message["role"] in (Role.USER, Role.OBSERVATION) else ids
+            for i, (message, ids) in enumerate(zip(messages, encoded, strict=True))
+        ]
+
+
+def released_qwen2_vl_template(base: Template, mm_plugin) -> ReleasedQwen2VLTemplate:
+    r"""The released form of ``base`` (LLaMA-Factory 0.9.5's `qwen2_vl` template) with ``mm_plugin``."""
+    values = {field.name: getattr(base, field.name) for field in fields(base)}
+    values.update(
+        format_assistant=StringFormatter(slots=["{{content}}<|im_end|>"]),
+        format_function=FunctionFormatter(slots=["{{content}}<|im_end|>"], tool_format="qwen"),
+        mm_plugin=mm_plugin,
+    )
+    return ReleasedQwen2VLTemplate(**values)
