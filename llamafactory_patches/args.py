@@ -37,6 +37,14 @@ class VPTModelArguments(ModelArguments):
         default=None,
         metadata={"help": "Number of control-token hidden states concatenated into one projector condition."},
     )
+    image_resolution: int = field(
+        default=512,
+        metadata={
+            "help": "The released image rule of VPT templates: the long side of every image, crop and clip image is "
+            "capped at this (NEAREST), sides under 28 px are stretched to 28 (DINOv2 inputs capped at 512, SAM at "
+            "1024). It replaces `image_max_pixels`/`image_min_pixels` for the `vpt_qwen2_vl` template."
+        },
+    )
     vpt_drop_branches: bool = field(
         default=False,
         metadata={

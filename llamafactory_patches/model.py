@@ -5,6 +5,7 @@
 * `patch_config` copies the YAML's VPT fields into a VPT config and fills its token ids from the tokenizer;
   `vpt_drop_branches: true` becomes `from_pretrained(..., drop_branches=True)` (without it, a checkpoint whose
   weights hold branches that `vision_encoder_ls` leaves out does not load).
+* `patch_processor` gives the processor the recipe's `image_resolution` (the released image rule of the plugin).
 * `patch_model` initialises the embedding rows of tokens added in this run (see `init_added_token_rows`).
 * `freeze_vision_tower` also freezes DINOv2 and SAM; the projectors are trainable in full fine-tuning, never LoRA
   targets, and reachable with `additional_target` under LoRA.
@@ -96,7 +97,17 @@ def _wrap_patch_model(patch_model):
     return wrapper
 
 
+def _wrap_patch_processor(patch_processor):
+    @wraps(patch_processor)
+    def wrapper(processor, tokenizer, model_args):
+        patch_processor(processor, tokenizer, model_args)
+        processor.image_resolution = model_args.image_resolution  # read by the VPT plugin (the released rule)
+
+    return wrapper
+
+
 def patch() -> None:
+    loader.patch_processor = _wrap_patch_processor(loader.patch_processor)
     loader.patch_tokenizer = _wrap_patch_tokenizer(loader.patch_tokenizer)
     loader.patch_config = _wrap_patch_config(loader.patch_config)
     loader.patch_model = _wrap_patch_model(loader.patch_model)

@@ -1,10 +1,14 @@
 """The `vpt_qwen2_vl` template: `qwen2_vl` with a multimodal plugin that also handles the VPT re-encoding images.
 
+Images follow the released rule (`transformers_vpt.images.fit_image`), as `VPTPipeline` does at inference: the long
+side of images, crops and clip images capped at the recipe's `image_resolution` (512), DINOv2 inputs at 512 and SAM
+inputs at 1024, sides under 28 stretched. LLaMA-Factory 0.9.5's `image_max_pixels` / `image_min_pixels` area rule
+does not apply to them (it still applies to video frames).
+
 Placeholder expansion and the extra tensors come from `VPT_Qwen2VLProcessor` (`expand_placeholders`,
 `preprocess_extra_images`); the plugin only loads images (crop paths included) and counts them.
 """
 
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,7 +20,7 @@ from llamafactory.data.template import TEMPLATES
 from typing_extensions import override
 
 from transformers_vpt import VPT_Qwen2VLProcessor
-from transformers_vpt.regions import open_image
+from transformers_vpt.images import IMAGE_RESOLUTION, SEG_IMAGE_RESOLUTION, fit_image, load_image, to_rgb
 from transformers_vpt.vocabulary import BRANCH_TOKENS
 
 from .template import released_qwen2_vl_template
@@ -43,6 +47,7 @@ class VPTQwen2VLPlugin(mm_plugin.Qwen2VLPlugin):
     """
 
     bound_extra_images: dict[str, list] = field(default_factory=dict, init=False, repr=False)
+    bound_image_resolution: int | None = field(default=None, init=False, repr=False)
 
     @contextmanager
     def extra_images(self, **extra_images: list) -> Iterator[None]:
@@ -52,21 +57,40 @@ class VPTQwen2VLPlugin(mm_plugin.Qwen2VLPlugin):
         finally:
             self.bound_extra_images = {}
 
+    @contextmanager
+    def image_rule(self, image_resolution: int) -> Iterator[None]:
+        r"""Apply the released image rule with ``image_resolution`` to the images regularized meanwhile."""
+        self.bound_image_resolution = image_resolution
+        try:
+            yield
+        finally:
+            self.bound_image_resolution = None
+
     @override
     def _regularize_images(self, images: list, **kwargs) -> dict[str, list]:
-        images = [open_image(image) if isinstance(image, str) else image for image in images]  # crop paths
+        images = [load_image(image) if isinstance(image, str) else image for image in images]  # crop paths, EXIF
         return super()._regularize_images(images, **kwargs)
 
-    def _load_extra_images(self, kind: str, images: list, processor: Any) -> list:
-        if kind == BRANCH_TOKENS["clip"].prefix:  # re-encoded by the model's own tower: the `images` pixel budget
-            budget = dict(
-                image_max_pixels=getattr(processor, "image_max_pixels", 768 * 768),
-                image_min_pixels=getattr(processor, "image_min_pixels", 32 * 32),
-            )
-        else:  # the DINOv2 / SAM processors resize for themselves
-            budget = dict(image_max_pixels=sys.maxsize, image_min_pixels=0)
+    @override
+    def _preprocess_image(self, image, **kwargs):
+        if self.bound_image_resolution is None or "video_fps" in kwargs:  # video frames keep the stock rule
+            return super()._preprocess_image(image, **kwargs)
 
-        return self._regularize_images(images, **budget)["images"]
+        return fit_image(to_rgb(image), self.bound_image_resolution)
+
+    @override
+    def _get_mm_inputs(self, images, videos, audios, processor) -> dict[str, torch.Tensor]:
+        with self.image_rule(getattr(processor, "image_resolution", IMAGE_RESOLUTION)):
+            return super()._get_mm_inputs(images, videos, audios, processor)
+
+    def _load_extra_images(self, kind: str, images: list, processor: Any) -> list:
+        resolution = {
+            BRANCH_TOKENS["clip"].prefix: getattr(processor, "image_resolution", IMAGE_RESOLUTION),  # the images' cap
+            BRANCH_TOKENS["dino"].prefix: IMAGE_RESOLUTION,
+            BRANCH_TOKENS["sam"].prefix: SEG_IMAGE_RESOLUTION,
+        }[kind]
+        with self.image_rule(resolution):
+            return self._regularize_images(images)["images"]
 
     def get_extra_mm_inputs(self, processor: Any, **extra_images: list) -> dict[str, torch.Tensor]:
         r"""`detection_images`, `seg_images`, `clip_pixel_values` and `clip_images_grid_thw` for the given lists."""

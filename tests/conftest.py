@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from transformers_vpt import VPT_Qwen2VLForConditionalGeneration
+from transformers_vpt.pipeline import VPTPipeline
+from transformers_vpt.tiny.assemble import build_tiny_vpt
 from transformers_vpt.tiny.model import TINY_DINO_TOKENS, TINY_SAM_TOKENS, tiny_config
 
 torch.set_num_threads(1)
@@ -35,6 +37,27 @@ CLIP_GRID = [1, 4, 4]  # 16 patches -> 4 merged tokens
 IMAGE_GRID = [1, 4, 4]
 PATCH_DIM = 3 * 2 * 14 * 14
 ACTION_END = {"dino": 313, "sam": 323, "clip": 333}
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    """A `VPTPipeline` over the tiny VPT model (all branches) and its processor."""
+    return VPTPipeline(*build_tiny_vpt())
+
+
+@pytest.fixture
+def generate_calls(pipeline, monkeypatch):
+    """Every `model.generate` call of the test: (kwargs, output)."""
+    calls = []
+    generate = pipeline.model.generate
+
+    def spy(**kwargs):
+        output = generate(**kwargs)
+        calls.append((kwargs, output))
+        return output
+
+    monkeypatch.setattr(pipeline.model, "generate", spy)
+    return calls
 
 
 def make_model(vision_encoder_ls=("dino", "sam", "clip"), seed=0, **overrides):

@@ -74,26 +74,6 @@ def scripted_kwargs(processor, scripts=SCRIPTS) -> dict:
     return {"logits_processor": LogitsProcessorList([Scripted(processor.tokenizer, scripts)]), "max_new_tokens": 32}
 
 
-@pytest.fixture(scope="module")
-def pipeline():
-    return VPTPipeline(*build_tiny_vpt())
-
-
-@pytest.fixture
-def generate_calls(pipeline, monkeypatch):
-    """Every `model.generate` call of the test: (kwargs, output)."""
-    calls = []
-    generate = pipeline.model.generate
-
-    def spy(**kwargs):
-        output = generate(**kwargs)
-        calls.append((kwargs, output))
-        return output
-
-    monkeypatch.setattr(pipeline.model, "generate", spy)
-    return calls
-
-
 def expected_round2(question: str, round1: str, action: str, boxes, image):
     """The round-2 prompt and processor inputs of the released protocol."""
     shown = cap_image(image, MAX_SIDE)

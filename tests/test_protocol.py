@@ -20,7 +20,7 @@ from test_pipeline import BOX_A, BOX_B, MAX_SIDE, SPAN_A, SPAN_B, expected_round
 
 from evaluation import evaluation as ev
 from evaluation.scoring import region_hit
-from transformers_vpt.pipeline import PROTOCOLS, VPTPipeline, route
+from transformers_vpt.pipeline import PROTOCOLS, route
 from transformers_vpt.regions import (
     RegionSpan,
     SpanCells,
@@ -50,25 +50,6 @@ EDGES = {
 }
 QUESTIONS = {name: f"Q {name}?" for name in EDGES}
 SCRIPTS = {QUESTIONS[name]: text for name, (text, _) in EDGES.items()}
-
-
-@pytest.fixture(scope="module")
-def pipeline():
-    return VPTPipeline(*build_tiny_vpt())
-
-
-@pytest.fixture
-def generate_calls(pipeline, monkeypatch):
-    calls = []
-    generate = pipeline.model.generate
-
-    def spy(**kwargs):
-        output = generate(**kwargs)
-        calls.append((kwargs, output))
-        return output
-
-    monkeypatch.setattr(pipeline.model, "generate", spy)
-    return calls
 
 
 def answer(pipeline, question, protocol, image=None, scripts=SCRIPTS):
