@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_llamafactory_patches import train_args as patches_train_args
 
 import llamafactory_patches
 from llamafactory_patches.records import SOURCES, batch_error
@@ -135,24 +136,10 @@ def dataset_dir(tiny, directory: Path, records: list, name="vpt_train") -> Path:
 
 
 def train_args(tiny, tmp_path, **overrides) -> dict:
-    return {
-        "model_name_or_path": str(tiny["model"]),
-        "stage": "sft",
-        "do_train": True,
-        "finetuning_type": "full",
-        "dataset": "vpt_train",
-        "dataset_dir": str(tmp_path),
-        "media_dir": str(tiny["data"]),
-        "template": "vpt_qwen2_vl",
-        "cutoff_len": 1024,
-        "overwrite_cache": True,
-        "cache_dir": str(tmp_path / "cache"),
-        "output_dir": str(tmp_path / "out"),
-        "report_to": "none",
-        "image_max_pixels": 12544,
-        "num_inner_forward_run": 2,
-        **overrides,
-    }
+    """The patches tests' tiny run, on the dataset written by `dataset_dir` into ``tmp_path``."""
+    return patches_train_args(
+        tiny, tmp_path, dataset="vpt_train", dataset_dir=str(tmp_path), media_dir=str(tiny["data"]), **overrides
+    )
 
 
 @pytest.fixture(scope="module")
