@@ -40,6 +40,14 @@ ACTION_END = {"dino": 313, "sam": 323, "clip": 333}
 
 
 @pytest.fixture(scope="module")
+def vpt(tmp_path_factory):
+    """A saved tiny VPT model (all branches): (directory, processor)."""
+    directory = tmp_path_factory.mktemp("models") / "vpt"
+    _, processor = build_tiny_vpt(save_dir=directory)
+    return directory, processor
+
+
+@pytest.fixture(scope="module")
 def pipeline():
     """A `VPTPipeline` over the tiny VPT model (all branches) and its processor."""
     return VPTPipeline(*build_tiny_vpt())

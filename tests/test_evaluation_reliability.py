@@ -22,7 +22,6 @@ from evaluation import evaluation as ev
 from evaluation.datasets import BrokenRecord, make_item, prepare_items
 from evaluation.storage import OutputDirError, exclusive_run, output_path
 from transformers_vpt.pipeline import VPTPipeline
-from transformers_vpt.tiny.assemble import build_tiny_vpt
 
 DATASET = "POPE_action_test"
 RECORDS = 5
@@ -41,14 +40,6 @@ def split(tmp_path_factory):
         answers[key] = answer
     (root / f"{DATASET}.json").write_text(json.dumps(records))
     return root, answers
-
-
-@pytest.fixture(scope="module")
-def vpt(tmp_path_factory):
-    """A saved tiny VPT model (all branches): (directory, processor)."""
-    directory = tmp_path_factory.mktemp("models") / "vpt"
-    _, processor = build_tiny_vpt(save_dir=directory)
-    return directory, processor
 
 
 def argv_for(data_dir, out, model_dir, *extra) -> list[str]:

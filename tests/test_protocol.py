@@ -29,7 +29,6 @@ from transformers_vpt.regions import (
     region_problems,
     region_to_box,
 )
-from transformers_vpt.tiny.assemble import build_tiny_vpt
 from transformers_vpt.vocabulary import BRANCH_TOKENS, REGION_END, REGION_START, x_token
 
 DET = BRANCH_TOKENS["dino"]
@@ -202,13 +201,6 @@ def split(tmp_path_factory):
     return root, scripts
 
 
-@pytest.fixture(scope="module")
-def vpt_model(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("protocol_models") / "vpt"
-    _, processor = build_tiny_vpt(save_dir=directory)
-    return directory, processor
-
-
 @pytest.fixture
 def judge_server():
     server = FakeOpenAI()
@@ -219,9 +211,9 @@ def judge_server():
     server.httpd.server_close()
 
 
-def test_released_evaluation_drops_a_failed_crop_and_checks_the_protocol(split, vpt_model, tmp_path, judge_server):
+def test_released_evaluation_drops_a_failed_crop_and_checks_the_protocol(split, vpt, tmp_path, judge_server):
     data_dir, scripts = split
-    model_dir, processor = vpt_model
+    model_dir, processor = vpt
     out = tmp_path / "out"
     judge = ["--judge-base-url", judge_server.url]
     released = config(data_dir, out, model_dir, extra=["--protocol", "released", *judge])
@@ -259,9 +251,9 @@ def test_released_evaluation_drops_a_failed_crop_and_checks_the_protocol(split, 
         ev.evaluate(config(data_dir, out, model_dir), scripted(processor, scripts))
 
 
-def test_project_evaluation_and_settings_from_before_the_protocol(split, vpt_model, tmp_path):
+def test_project_evaluation_and_settings_from_before_the_protocol(split, vpt, tmp_path):
     data_dir, scripts = split
-    model_dir, processor = vpt_model
+    model_dir, processor = vpt
     out = tmp_path / "out"
     results, _ = ev.evaluate(config(data_dir, out, model_dir), scripted(processor, scripts))
     folder = out / "vpt" / DATASET

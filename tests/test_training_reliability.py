@@ -1,7 +1,6 @@
 """Training refuses what prepare_data.py refuses, names the record a batch fails on, and never drops a branch
 silently: `transformers_vpt.records` and the LLaMA-Factory data, trainer and model-loading patches, in-process."""
 
-import importlib.util
 import json
 import logging
 import re
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_llamafactory_patches import train_args as patches_train_args
+from test_prepare_weights import make_tiny
 
 import llamafactory_patches
 from llamafactory_patches.records import SOURCES, batch_error
@@ -19,7 +19,6 @@ from transformers_vpt.records import record_problems
 from transformers_vpt.regions import box_to_region_text
 from transformers_vpt.vocabulary import BRANCH_TOKENS, REENCODE_TRIGGER, REGION_TRIGGER
 
-ROOT = Path(__file__).resolve().parents[1]
 DINO, SAM, CLIP = (BRANCH_TOKENS[kind] for kind in ("dino", "sam", "clip"))
 
 llamafactory_patches.apply()
@@ -121,10 +120,7 @@ def test_paths_and_structure():
 # ------------------------------------------------------------------------------------------------ data path
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("make_tiny", ROOT / "configs" / "tiny" / "make_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_tiny(tmp_path_factory.mktemp("tiny"))
+    return make_tiny.make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 def dataset_dir(tiny, directory: Path, records: list, name="vpt_train") -> Path:
