@@ -1,9 +1,12 @@
 """YAML keys of VPT: `ModelArguments` and `DataArguments` subclasses swapped into LLaMA-Factory's argument parsers.
 
-Unknown keys are still rejected (the parsers are LLaMA-Factory's own, over the subclasses).
+Unknown keys are still rejected (the parsers are LLaMA-Factory's own, over the subclasses). LLaMA-Factory has no
+registry for argument classes: the parsers' class lists are edited in place (guarded private patch). Every new
+field has a default that leaves a run that is not VPT as it was; `patch_config` (see `model`) refuses VPT keys
+for a checkpoint that is not VPT.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from llamafactory.hparams import parser
 from llamafactory.hparams.data_args import DataArguments
@@ -11,6 +14,8 @@ from llamafactory.hparams.model_args import ModelArguments
 from llamafactory.train import trainer_utils
 
 from transformers_vpt.vocabulary import normalize_encoder_list
+
+from .guard import Private
 
 
 @dataclass
@@ -87,9 +92,25 @@ VPT_CONFIG_FIELDS = (
 """The `VPTModelArguments` fields copied into the model config when set."""
 
 
+_ARGUMENT_LISTS = ("_TRAIN_ARGS", "_INFER_ARGS", "_EVAL_ARGS")
+PRIVATE = (
+    *(Private(parser, name, contains=(ModelArguments, DataArguments), patch="VPT YAML keys") for name in _ARGUMENT_LISTS),
+    Private(trainer_utils, "ModelArguments", expected=ModelArguments, patch="VPT YAML keys of reference models"),
+)
+
+
+def vpt_keys() -> list[str]:
+    r"""The YAML keys the VPT argument classes add (`recipe.VPT_KEYS` must list them)."""
+    stock = {f.name for cls in (ModelArguments, DataArguments) for f in fields(cls)}
+    added = [f.name for cls in (VPTModelArguments, VPTDataArguments) for f in fields(cls) if f.init]
+    return [name for name in added if name not in stock]
+
+
 def patch() -> None:
-    lists = (parser._TRAIN_ARGS, parser._INFER_ARGS, parser._EVAL_ARGS, getattr(parser, "_TRAIN_MCA_ARGS", None))
-    for arg_classes in filter(None, lists):
+    lists = [getattr(parser, name) for name in _ARGUMENT_LISTS]
+    mca = getattr(parser, "_TRAIN_MCA_ARGS", None)  # Megatron arguments (USE_MCA), when this release has them
+    lists += [mca] if mca and ModelArguments in mca and DataArguments in mca else []
+    for arg_classes in lists:
         arg_classes[arg_classes.index(ModelArguments)] = VPTModelArguments
         arg_classes[arg_classes.index(DataArguments)] = VPTDataArguments
 

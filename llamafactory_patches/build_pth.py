@@ -16,7 +16,7 @@ PTH_LINE = (  # one line, run by `site` at every start (twice where lib64 links 
     'import sys; any(getattr(f, "vpt_import_hook", False) for f in sys.meta_path) or sys.meta_path.insert(0, '
     'type("VPTImportHook", (), {"vpt_import_hook": True, "find_spec": staticmethod(lambda name, *args: '
     '__import__("llamafactory_patches.hook", fromlist=["find_spec"]).find_spec(name, *args) '
-    'if name == "llamafactory.train.tuner" else None)})())\n'
+    'if name in ("llamafactory.train.tuner", "llamafactory.v1.launcher") else None)})())\n'
 )
 
 

@@ -2,7 +2,9 @@
 the record ids become `vpt_record`, a (batch, 2) tensor the trainer pops before the forward (see `records`).
 
 Everything else (fake image, M-RoPE positions from `get_rope_index`, 4-D masks, dtype casting) is the upstream
-collator's; the VPT pads are text positions for `get_rope_index`, which is the model's own rule.
+collator's; the VPT pads are text positions for `get_rope_index`, which is the model's own rule. Batches without
+those keys (every run that is not VPT) are collated by the upstream code alone. The SFT workflow imported the
+collator class by name (no registry), so it is replaced there (guarded private patch).
 """
 
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ from llamafactory.data.collator import SFTDataCollatorWith4DAttentionMask
 from llamafactory.train.sft import workflow
 
 from .data import EXTRA_IMAGE_KEYS, unpack_paths
+from .guard import Private
 from .records import BATCH_KEY
 
 
@@ -33,6 +36,13 @@ class VPTDataCollator(SFTDataCollatorWith4DAttentionMask):
                 batch[key] = value.to(self.compute_dtype) if torch.is_floating_point(value) else value
 
         return batch
+
+
+PRIVATE = (
+    Private(workflow, "SFTDataCollatorWith4DAttentionMask", expected=SFTDataCollatorWith4DAttentionMask,
+            patch="batching"),
+    Private(SFTDataCollatorWith4DAttentionMask, "__call__", ("self", "features"), patch="batching"),
+)
 
 
 def patch() -> None:

@@ -1,8 +1,13 @@
 """Dataset columns: `detection_images`, `seg_images` and `clip_images` in `dataset_info.json`, resolved like `images`.
 
-The released `dataset_info.json` maps the CLIP images under the column key `depth_images`; it is read as
-`clip_images`. Image paths may carry a crop suffix (`path_x0,y0,x1,y1`): the real path is resolved against
-`media_dir` and the suffix is kept. The record id column of checked datasets (`records`) is carried along.
+* **Formattings** `vpt_sharegpt`, `vpt_alpaca` and `vpt_openai` (`register_dataset_converter`): the stock converters
+  plus the extra image columns (`_detection_images`, ...), crop paths (`path_x0,y0,x1,y1`: the real path is
+  resolved against `media_dir` and the suffix is kept) and the record id column of checked datasets (`records`). A
+  `vpt_qwen2_vl` run reads a dataset declared with the stock formatting (as in the released `dataset_info.json`)
+  through its VPT formatting (`vpt_formatting`); other runs keep the stock converters untouched.
+* **Columns** (no registry: a guarded private patch): `parser.DatasetAttr` becomes a subclass that also reads
+  `columns.detection_images/seg_images/clip_images`; for any other dataset its extra fields stay None. The released
+  `dataset_info.json` maps the CLIP images under the column key `depth_images`; it is read as `clip_images`.
 """
 
 import json
@@ -12,12 +17,16 @@ from typing import Any
 from llamafactory.data import converter, parser
 from llamafactory.data.converter import (
     AlpacaDatasetConverter,
+    DatasetConverter,
     OpenAIDatasetConverter,
     SharegptDatasetConverter,
 )
+from llamafactory.data.parser import DatasetAttr
 
 from transformers_vpt.regions import join_crop_path, split_crop_path
 from transformers_vpt.vocabulary import BRANCH_TOKENS
+
+from .guard import Private
 
 EXTRA_IMAGE_KEYS = tuple(branch.images_key for branch in BRANCH_TOKENS.values())
 """`detection_images`, `seg_images`, `clip_images`: dataset columns, example keys and plugin arguments."""
@@ -41,8 +50,16 @@ def unpack_paths(cell: str | list[Any] | None) -> list[Any]:
     return json.loads(cell) if isinstance(cell, str) else cell or []
 
 
+PRIVATE = (
+    Private(parser, "DatasetAttr", expected=DatasetAttr, patch="dataset_info.json columns"),
+    Private(DatasetAttr, "join", ("self", "attr"), patch="dataset_info.json columns"),
+    Private(DatasetAttr, "set_attr", ("self", "key", "obj", "default"), patch="dataset_info.json columns"),
+    Private(DatasetConverter, "_find_medias", ("self", "medias"), patch="crop paths"),
+)
+
+
 @dataclass(repr=False)  # keep the upstream repr: the dataset name
-class VPTDatasetAttr(parser.DatasetAttr):
+class VPTDatasetAttr(DatasetAttr):
     detection_images: str | None = None
     seg_images: str | None = None
     clip_images: str | None = None
@@ -103,8 +120,27 @@ class VPTOpenAIDatasetConverter(ExtraImagesConverterMixin, OpenAIDatasetConverte
     pass
 
 
+VPT_CONVERTERS = {
+    "vpt_alpaca": VPTAlpacaDatasetConverter,
+    "vpt_sharegpt": VPTSharegptDatasetConverter,
+    "vpt_openai": VPTOpenAIDatasetConverter,
+}
+"""The VPT formattings (`dataset_info.json` ``"formatting"``) and their converters."""
+
+
+def vpt_formatting(formatting: str) -> str:
+    r"""The VPT formatting a `vpt_qwen2_vl` run reads a dataset of ``formatting`` with (``sharegpt`` ->
+    ``vpt_sharegpt``; a VPT or unknown formatting as it is)."""
+    return f"vpt_{formatting}" if f"vpt_{formatting}" in VPT_CONVERTERS else formatting
+
+
+def stock_formatting(formatting: str) -> str:
+    r"""The stock formatting a VPT formatting extends (``vpt_sharegpt`` -> ``sharegpt``)."""
+    return formatting.removeprefix("vpt_") if formatting in VPT_CONVERTERS else formatting
+
+
 def patch() -> None:
-    parser.DatasetAttr = VPTDatasetAttr
-    converter.DATASET_CONVERTERS.update(
-        alpaca=VPTAlpacaDatasetConverter, sharegpt=VPTSharegptDatasetConverter, openai=VPTOpenAIDatasetConverter
-    )
+    parser.DatasetAttr = VPTDatasetAttr  # guarded private patch (no registry for columns)
+    for name, dataset_converter in VPT_CONVERTERS.items():
+        if name not in converter.DATASET_CONVERTERS:
+            converter.register_dataset_converter(name, dataset_converter)

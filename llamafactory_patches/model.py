@@ -8,7 +8,12 @@
 * `patch_processor` gives the processor the recipe's `image_resolution` (the released image rule of the plugin).
 * `patch_model` initialises the embedding rows of tokens added in this run (see `init_added_token_rows`).
 * `freeze_vision_tower` also freezes DINOv2 and SAM; the projectors are trainable in full fine-tuning, never LoRA
-  targets, and reachable with `additional_target` under LoRA.
+  targets, and reachable with `additional_target` under LoRA (`_register_composite_model`, LLaMA-Factory's
+  registry of composite models, and `MROPE_MODELS`).
+
+The four `patch_*` functions have no registry: `model.loader` imported them by name and resolves them when it runs,
+so they are wrapped there (guarded private patch). Each wrapper calls the stock function first and adds nothing
+for a model, tokenizer or processor that is not VPT.
 """
 
 from functools import wraps
@@ -16,14 +21,15 @@ from functools import wraps
 from llamafactory.extras import logging
 from llamafactory.extras.constants import MROPE_MODELS
 from llamafactory.model import loader
-from llamafactory.model.model_utils.visual import _register_composite_model
+from llamafactory.model.model_utils import visual
 
-from transformers_vpt import VPT_Qwen2VLConfig, VRT_Qwen2VLConfig
+from transformers_vpt import VPT_Qwen2VLConfig, VPT_Qwen2VLProcessor, VRT_Qwen2VLConfig
 from transformers_vpt.perception import BRANCHES
 from transformers_vpt.vocabulary import add_vpt_tokens
 
 from .args import VPT_CONFIG_FIELDS
 from .embeddings import init_added_token_rows
+from .guard import Private
 
 logger = logging.get_logger(__name__)
 
@@ -101,9 +107,24 @@ def _wrap_patch_processor(patch_processor):
     @wraps(patch_processor)
     def wrapper(processor, tokenizer, model_args):
         patch_processor(processor, tokenizer, model_args)
-        processor.image_resolution = model_args.image_resolution  # read by the VPT plugin (the released rule)
+        if isinstance(processor, VPT_Qwen2VLProcessor):
+            processor.image_resolution = model_args.image_resolution  # read by the VPT plugin (the released rule)
 
     return wrapper
+
+
+PRIVATE = (
+    Private(loader, "patch_processor", ("processor", "tokenizer", "model_args"), patch="image rule"),
+    Private(loader, "patch_tokenizer", ("tokenizer", "model_args"), patch="VPT tokens"),
+    Private(loader, "patch_config", ("config", "tokenizer", "model_args", "init_kwargs", "is_trainable"),
+            patch="VPT config values"),
+    Private(loader, "patch_model", ("model", "tokenizer", "model_args", "is_trainable", "add_valuehead"),
+            patch="new-token embeddings"),
+    Private(loader, "load_config", ("model_args",), patch="the checkpoint's branches"),
+    Private(visual, "_register_composite_model",
+            ("model_type", "projector_keys", "vision_model_keys", "language_model_keys", "lora_conflict_keys"),
+            patch="freeze and LoRA keys"),
+)
 
 
 def patch() -> None:
@@ -114,7 +135,7 @@ def patch() -> None:
     encoders = [branch.encoder_attr for branch in BRANCHES.values() if branch.encoder_attr]
     projectors = [branch.projector_attr for branch in BRANCHES.values()]
     for model_type in VPT_MODEL_TYPES:
-        _register_composite_model(
+        visual._register_composite_model(
             model_type=model_type,
             projector_keys=["visual.merger"],
             vision_model_keys=["visual.patch_embed", "visual.blocks", *encoders],

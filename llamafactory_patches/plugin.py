@@ -23,9 +23,24 @@ from transformers_vpt import VPT_Qwen2VLProcessor
 from transformers_vpt.images import IMAGE_RESOLUTION, SEG_IMAGE_RESOLUTION, fit_image, load_image, to_rgb
 from transformers_vpt.vocabulary import BRANCH_TOKENS
 
-from .template import released_qwen2_vl_template
+from .guard import Private
+from .template import register_released_template
 
 TEMPLATE_NAME = "vpt_qwen2_vl"
+BASE_TEMPLATE = "qwen2_vl"
+
+_PLUGIN = mm_plugin.Qwen2VLPlugin
+PRIVATE = tuple(
+    Private(_PLUGIN, name, parameters, patch="the VPT multimodal plugin")
+    for name, parameters in (
+        ("_regularize_images", ("self", "images", "kwargs")),
+        ("_preprocess_image", ("self", "image", "kwargs")),
+        ("_get_mm_inputs", ("self", "images", "videos", "audios", "processor")),
+        ("_validate_input", ("self", "processor", "images", "videos", "audios")),
+        ("_validate_messages", ("self", "messages", "images", "videos", "audios")),
+        ("_get_mm_token_metadata", ("self", "images", "videos", "audios", "processor")),
+    )
+)
 
 
 def vpt_processor(processor: Any) -> VPT_Qwen2VLProcessor:
@@ -126,9 +141,9 @@ class VPTQwen2VLPlugin(mm_plugin.Qwen2VLPlugin):
 
 
 def patch() -> None:
-    mm_plugin.register_mm_plugin(TEMPLATE_NAME, VPTQwen2VLPlugin)
-    base = TEMPLATES["qwen2_vl"]
-    plugin = mm_plugin.get_mm_plugin(
-        TEMPLATE_NAME, image_token=base.mm_plugin.image_token, video_token=base.mm_plugin.video_token
-    )
-    TEMPLATES[TEMPLATE_NAME] = released_qwen2_vl_template(base, plugin)  # the released labels (template.py)
+    r"""Registers the plugin (`register_mm_plugin`) and the template (`register_template`, the released labels)."""
+    if TEMPLATE_NAME not in mm_plugin.PLUGINS:
+        mm_plugin.register_mm_plugin(TEMPLATE_NAME, VPTQwen2VLPlugin)
+    base = TEMPLATES[BASE_TEMPLATE].mm_plugin
+    plugin = mm_plugin.get_mm_plugin(TEMPLATE_NAME, image_token=base.image_token, video_token=base.video_token)
+    register_released_template(TEMPLATE_NAME, BASE_TEMPLATE, plugin)

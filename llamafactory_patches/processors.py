@@ -1,4 +1,9 @@
-"""Tokenization: the extra image lists go through the plugin and into the dataset; `*_action` labels are masked."""
+"""Tokenization: the extra image lists go through the plugin and into the dataset; `*_action` labels are masked.
+
+LLaMA-Factory has no registry for dataset processors: `loader._get_dataset_processor` resolves the class names
+below from its module globals when it runs, so they are replaced there (guarded private patch). The subclasses do
+what the stock classes do unless the template's plugin is the VPT plugin.
+"""
 
 from collections import defaultdict
 from dataclasses import dataclass
@@ -15,6 +20,7 @@ from llamafactory.extras.constants import IGNORE_INDEX
 from transformers_vpt.vocabulary import BRANCH_TOKENS, token_id
 
 from .data import EXTRA_IMAGE_KEYS, RECORD_COLUMN, pack_paths, unpack_paths
+from .guard import Private
 from .plugin import TEMPLATE_NAME, VPTQwen2VLPlugin
 from .records import BATCH_KEY
 
@@ -53,6 +59,8 @@ class VPTSupervisedDatasetProcessor(ExtraImagesProcessorMixin, SupervisedDataset
     def _encode_data_example(self, *args, **kwargs) -> tuple[list[int], list[int]]:
         r"""Upstream encoding; then every `<|*_action|>` label is ignored (its input is a control state)."""
         input_ids, labels = super()._encode_data_example(*args, **kwargs)
+        if not isinstance(self.template.mm_plugin, VPTQwen2VLPlugin):
+            return input_ids, labels
         action_ids = {token_id(self.tokenizer, branch.action) for branch in BRANCH_TOKENS.values()} - {None}
         return input_ids, [IGNORE_INDEX if label in action_ids else label for label in labels]
 
@@ -69,6 +77,19 @@ class VPTPackedSupervisedDatasetProcessor(PackedSupervisedDatasetProcessor):
                 f"`packing`/`neat_packing` is not supported with the {TEMPLATE_NAME} template: mask modelling and "
                 "the pairing of extra images with their action tokens assume one sample per row."
             )
+
+
+_FIELDS = ("template", "tokenizer", "processor", "data_args")
+_ENCODE = ("self", "prompt", "response", "system", "tools", "images", "videos", "audios")
+PRIVATE = (
+    Private(loader, "SupervisedDatasetProcessor", _FIELDS, expected=SupervisedDatasetProcessor, patch="tokenization"),
+    Private(loader, "UnsupervisedDatasetProcessor", _FIELDS, expected=UnsupervisedDatasetProcessor,
+            patch="tokenization"),
+    Private(loader, "PackedSupervisedDatasetProcessor", _FIELDS, expected=PackedSupervisedDatasetProcessor,
+            patch="packing check"),
+    Private(SupervisedDatasetProcessor, "_encode_data_example", _ENCODE, patch="action label masking"),
+    Private(SupervisedDatasetProcessor, "preprocess_dataset", ("self", "examples"), patch="extra images"),
+)
 
 
 def patch() -> None:

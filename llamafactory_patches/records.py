@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from functools import wraps
 from typing import Any
 
+import datasets
 from datasets import Dataset, IterableDataset
-from llamafactory.data import loader
+from llamafactory.data import converter, loader
 from llamafactory.extras import logging
 from llamafactory.model import loader as model_loader
 
@@ -39,7 +40,8 @@ from transformers_vpt import VPT_Qwen2VLConfig
 from transformers_vpt.errors import VPTUserError
 from transformers_vpt.records import record_problems
 
-from .data import EXTRA_IMAGE_KEYS, RECORD_COLUMN
+from .data import EXTRA_IMAGE_KEYS, RECORD_COLUMN, stock_formatting, vpt_formatting
+from .guard import Private
 from .plugin import TEMPLATE_NAME
 
 logger = logging.get_logger(__name__)
@@ -102,7 +104,7 @@ def _alpaca_messages(example: dict, attr) -> list[dict]:
 def record_view(example: dict[str, Any], dataset_attr) -> dict[str, Any]:
     """A raw dataset row as a released-format record: ``messages`` with user/assistant/system roles (through the
     dataset's columns and tags) and the four image columns (absent columns read as no images)."""
-    if dataset_attr.formatting == "alpaca":
+    if stock_formatting(dataset_attr.formatting) == "alpaca":
         messages = _alpaca_messages(example, dataset_attr)
     else:  # sharegpt, openai
         messages = _sharegpt_messages(example, dataset_attr)
@@ -224,10 +226,14 @@ _LOADING: ContextVar[_Loading | None] = ContextVar("vpt_loading", default=None)
 
 
 def _wrap_load_single_dataset(load_single_dataset):
+    r"""A `vpt_qwen2_vl` run loads each dataset through its VPT formatting (`data.vpt_formatting`) and checks its
+    records (the hooks below); any other run calls the stock function unchanged."""
+
     @wraps(load_single_dataset)
     def wrapper(dataset_attr, model_args, data_args, training_args):
         if data_args.template != TEMPLATE_NAME:
             return load_single_dataset(dataset_attr, model_args, data_args, training_args)
+        dataset_attr.formatting = vpt_formatting(dataset_attr.formatting)
         token = _LOADING.set(_Loading(dataset_attr, model_args, data_args))
         try:
             return load_single_dataset(dataset_attr, model_args, data_args, training_args)
@@ -288,6 +294,16 @@ def naming_records(record_ids) -> Iterator[None]:
         if record_ids is None:
             raise
         raise batch_error(error, record_ids) from error
+
+
+_SPLIT = ("dataset", "dataset_attr", "data_args", "training_args")
+PRIVATE = (
+    Private(loader, "_load_single_dataset", ("dataset_attr", "model_args", "data_args", "training_args"),
+            patch="record checks"),
+    Private(loader, "load_dataset", expected=datasets.load_dataset, patch="record checks"),
+    Private(loader, "align_dataset", _SPLIT, expected=converter.align_dataset, patch="record checks"),
+    Private(model_loader, "load_config", ("model_args",), patch="record rules"),
+)
 
 
 def patch() -> None:

@@ -7,11 +7,14 @@ turn as ``{content}<|im_end|>\\n``, so it also supervises that newline and ends 
 text of a conversation is the same in both; only which tokens are labels, and the final newline, differ.
 """
 
-from dataclasses import dataclass, fields
+import inspect
+from dataclasses import dataclass
 
-from llamafactory.data.formatter import FunctionFormatter, StringFormatter
-from llamafactory.data.template import Template
 from llamafactory.data.data_utils import Role
+from llamafactory.data.formatter import FunctionFormatter, StringFormatter
+from llamafactory.data.template import TEMPLATES, Template, register_template
+
+from .guard import Private
 
 SEPARATOR = "\n"
 """What 0.9.1 put between an assistant turn and the next user turn, on the user's (prompt) side."""
@@ -30,12 +33,19 @@ class ReleasedQwen2VLTemplate(Template):
         ]
 
 
-def released_qwen2_vl_template(base: Template, mm_plugin) -> ReleasedQwen2VLTemplate:
-    r"""The released form of ``base`` (LLaMA-Factory 0.9.5's `qwen2_vl` template) with ``mm_plugin``."""
-    values = {field.name: getattr(base, field.name) for field in fields(base)}
+PRIVATE = (Private(Template, "_encode", ("self", "tokenizer", "messages", "system", "tools"), patch="released labels"),)
+
+
+def register_released_template(name: str, base_name: str, mm_plugin) -> None:
+    r"""Register ``name`` with `register_template`: the released form of the registered ``base_name`` template
+    (LLaMA-Factory 0.9.5's `qwen2_vl`) with ``mm_plugin``. Idempotent."""
+    if name in TEMPLATES:
+        return
+    base = TEMPLATES[base_name]
+    skip = ("name", "mm_plugin", "template_class")
+    values = {key: getattr(base, key) for key in inspect.signature(register_template).parameters if key not in skip}
     values.update(
         format_assistant=StringFormatter(slots=["{{content}}<|im_end|>"]),
         format_function=FunctionFormatter(slots=["{{content}}<|im_end|>"], tool_format="qwen"),
-        mm_plugin=mm_plugin,
     )
-    return ReleasedQwen2VLTemplate(**values)
+    register_template(name=name, **values, mm_plugin=mm_plugin, template_class=ReleasedQwen2VLTemplate)

@@ -12,6 +12,9 @@ runs every branch once with a zero contribution, so this term is not added (it w
 
 Each batch carries its dataset record ids (`vpt_record`, see `records`): they are popped before the forward, and
 a `ValueError` of the forward ("Sample i ...") is raised again naming the dataset record of that row.
+
+For a model that is not VPT the trainer is the stock one (the loss is returned untouched). The SFT workflow
+imported the trainer class by name (no registry), so it is replaced there (guarded private patch).
 """
 
 from typing import Any
@@ -25,6 +28,7 @@ from typing_extensions import override
 from transformers_vpt import VPT_Qwen2VLForConditionalGeneration
 from transformers_vpt.perception import VisionBranch
 
+from .guard import Private
 from .records import BATCH_KEY, naming_records
 
 DUMMY_IMAGE_SIZE = 64
@@ -86,6 +90,14 @@ class VPTSeq2SeqTrainer(CustomSeq2SeqTrainer):
     def prediction_step(self, model, inputs: dict[str, Any], *args, **kwargs):
         with naming_records(inputs.pop(BATCH_KEY, None)):
             return super().prediction_step(model, inputs, *args, **kwargs)
+
+
+PRIVATE = (
+    Private(workflow, "CustomSeq2SeqTrainer", expected=CustomSeq2SeqTrainer, patch="training"),
+    Private(CustomSeq2SeqTrainer, "compute_loss", ("self", "model", "inputs", "args", "kwargs"), patch="training"),
+    Private(CustomSeq2SeqTrainer, "prediction_step",
+            ("self", "model", "inputs", "prediction_loss_only", "ignore_keys", "gen_kwargs"), patch="training"),
+)
 
 
 def patch() -> None:
