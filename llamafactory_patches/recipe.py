@@ -25,7 +25,7 @@ VPT_KEYS = (
     "vpt_skip_bad_records",
 )
 """YAML keys only the VPT argument classes (`args.VPTModelArguments`, `args.VPTDataArguments`) know."""
-VPT_MODEL_TYPES = ("qwen2_vl_vpt", "qwen2_vl_vrt")
+VPT_MODEL_TYPES = ("qwen2_vl_vpt", "vrt_qwen2_vl")
 """``model_type`` of VPT checkpoints (`transformers_vpt`'s configs)."""
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
