@@ -65,7 +65,7 @@ import transformers
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 from transformers import (
-    LogitsProcessor,
+    GenerationMixin,
     LogitsProcessorList,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
@@ -74,12 +74,15 @@ from transformers import (
 )
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_utils import no_init_weights
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLPreTrainedModel
 
 from transformers_vpt import (
     VPT_Qwen2VLConfig,
     VPT_Qwen2VLForConditionalGeneration,
     VPTCausalLMOutputWithPast,
 )
+from transformers_vpt.files import write_json
+from transformers_vpt.generation import ForceTokenAtStepLogitsProcessor
 from transformers_vpt.models.qwen2_vl_vpt.modeling_qwen2_vl_vpt import (
     EXTRA_IMAGE_INPUTS,
 )
@@ -128,20 +131,33 @@ FORCED_STEP = 1  # the action start is the second generated token
 
 
 # ---------------------------------------------------------------------------------------------------- the upstream design
-class UpstreamDesign(VPT_Qwen2VLForConditionalGeneration):
+class UpstreamDesign(Qwen2VLPreTrainedModel, GenerationMixin):
     """The released implementation's two-pass design, same numerics as VPT (mask modelling aside), upstream's work.
 
-    Every forward runs pass 1 and pass 2 over all of its input columns, each on a `copy.deepcopy` of the KV cache, so
-    training and prefill run the decoder twice over the whole sequence and each decode step runs it twice and copies
-    the cache twice. A decode step whose new token is `<|x_action|>` drops the cached `<|x_action_start|>` and re-feeds
-    the last two tokens, so that pass 1 recomputes the control state. The loss takes full float32 logits, as upstream.
+    It holds a VPT model (the same modules and weights: nothing is copied) and runs its steps through the model's
+    public methods. Every forward runs pass 1 and pass 2 over all of its input columns, each on a `copy.deepcopy` of
+    the KV cache, so training and prefill run the decoder twice over the whole sequence and each decode step runs it
+    twice and copies the cache twice. A decode step whose new token is `<|x_action|>` drops the cached
+    `<|x_action_start|>` and re-feeds the last two tokens, so that pass 1 recomputes the control state. The loss
+    takes full float32 logits, as upstream.
     """
 
+    def __init__(self, vpt: VPT_Qwen2VLForConditionalGeneration):
+        super().__init__(vpt.config)
+        self.vpt = vpt
+        self.generation_config = vpt.generation_config
+
+    def generate(self, inputs=None, generation_config=None, logits_processor=None, *args, **kwargs):
+        """`generate` with the VPT generation rules around the caller's processors, as the VPT model's `generate`."""
+        first, last = self.vpt.get_vpt_logits_processors()
+        processors = LogitsProcessorList([*first, *(logits_processor or []), *last])
+        return super().generate(inputs, generation_config, processors, *args, **kwargs)
+
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, cache_position=None, **kwargs):
-        inputs = super().prepare_inputs_for_generation(
+        inputs = self.vpt.prepare_inputs_for_generation(
             input_ids, past_key_values=past_key_values, cache_position=cache_position, **kwargs
         )
-        if inputs["cache_position"][0] != 0 and self._action_mask(input_ids[:, -1:]).any():
+        if inputs["cache_position"][0] != 0 and self.vpt.get_action_mask(input_ids[:, -1:]).any():
             past_key_values.crop(-1)
             two_tokens = cache_position[-1:] + torch.tensor([-1, 0], device=cache_position.device)
             inputs.update(input_ids=input_ids[:, -2:], cache_position=two_tokens, position_ids=None)
@@ -149,46 +165,48 @@ class UpstreamDesign(VPT_Qwen2VLForConditionalGeneration):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, labels=None,
                 use_cache=None, pixel_values=None, image_grid_thw=None, cache_position=None, **kwargs):
+        vpt = self.vpt
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
-            position_ids = self._position_ids(input_ids, attention_mask, image_grid_thw, None, cache_position, past_length)
+            position_ids = vpt.get_position_ids(input_ids, attention_mask, image_grid_thw, None, cache_position,
+                                                past_length)
         if cache_position is None:
             cache_position = torch.arange(past_length, past_length + input_ids.shape[1], device=input_ids.device)
-        decode = partial(self.model.language_model, attention_mask=attention_mask, position_ids=position_ids,
+        decode = partial(vpt.model.language_model, attention_mask=attention_mask, position_ids=position_ids,
                          cache_position=cache_position, use_cache=use_cache)
 
-        embeds = self._embed_inputs(input_ids, pixel_values, image_grid_thw, None, None)
-        extra_images = self._collect_extra_images(input_ids, {key: kwargs.get(key) for key in EXTRA_IMAGE_INPUTS})
+        embeds = vpt.get_inputs_embeds(input_ids, pixel_values, image_grid_thw)  # upstream re-encodes clip images
+        extra_images = vpt.get_extra_image_features(input_ids, {key: kwargs.get(key) for key in EXTRA_IMAGE_INPUTS})
         first = embeds
         for images in extra_images:
-            first = self._scatter(first, images)
+            first = vpt.scatter_extra_image_features(first, images)
         pass1 = decode(inputs_embeds=first, past_key_values=copy.deepcopy(past_key_values))
         control = torch.zeros_like(embeds)
         control[:, 1:] = pass1.last_hidden_state[:, :-1]
         second = embeds
         for images in extra_images:
             images.embedded = None  # upstream projects the features again in pass 2
-            second = self._scatter(second, images, self._control_states_per_image(images, input_ids, control))
-        second = torch.where(self._action_mask(input_ids).unsqueeze(-1), control, second)
+            second = vpt.scatter_extra_image_features(
+                second, images, vpt.get_control_states_per_image(images, input_ids, control)
+            )
+        second = torch.where(vpt.get_action_mask(input_ids).unsqueeze(-1), control, second)
         pass2 = decode(inputs_embeds=second, past_key_values=copy.deepcopy(past_key_values))
 
         hidden_states = pass2.last_hidden_state
-        logits = self.lm_head(hidden_states)
+        logits = vpt.lm_head(hidden_states)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+            loss = vpt.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
         return VPTCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=pass2.past_key_values,
-                                         rope_deltas=self.model.rope_deltas, last_hidden_state=hidden_states[:, -1])
+                                         rope_deltas=vpt.model.rope_deltas, last_hidden_state=hidden_states[:, -1])
 
 
 def upstream_view(model: VPT_Qwen2VLForConditionalGeneration) -> UpstreamDesign:
-    """The same modules and weights (a shallow copy: nothing is duplicated), run with the upstream design."""
-    view = copy.copy(model)
-    view.__class__ = UpstreamDesign
-    return view
+    """The upstream design over the modules and weights of `model` (shared, nothing is duplicated)."""
+    return UpstreamDesign(model)
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -472,19 +490,6 @@ def train_peak_mib(model, batch: dict, device: torch.device) -> float:
     return (own + step_peak) / 2**20
 
 
-class ForceAt(LogitsProcessor):
-    """Force `token` as the `step`-th generated token (0-based)."""
-
-    def __init__(self, prompt_length: int, step: int, token: int):
-        self.position, self.token = prompt_length + step, token
-
-    def __call__(self, input_ids, scores):
-        if input_ids.shape[1] == self.position:
-            scores = torch.full_like(scores, -float("inf"))
-            scores[:, self.token] = 0.0
-        return scores
-
-
 class StepClock(StoppingCriteria):
     """Records the time after every generated token; never stops generation."""
 
@@ -501,7 +506,9 @@ def decode_tokens_per_s(model, prompt: dict, new_tokens: int, force: int | None,
                         device: torch.device) -> float:
     model.eval()
     clock = StepClock(device)
-    processors = [ForceAt(prompt["input_ids"].shape[1], FORCED_STEP, force)] if force is not None else []
+    processors = (
+        [ForceTokenAtStepLogitsProcessor(prompt["input_ids"].shape[1], FORCED_STEP, force)] if force is not None else []
+    )
     with torch.no_grad():
         model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                        logits_processor=LogitsProcessorList(processors), stopping_criteria=StoppingCriteriaList([clock]),
@@ -596,13 +603,6 @@ def format_table(entries: list[dict]) -> str:
     lines.append(f"(ratio = vpt / plain; plain includes the extra encoder's forward time and weights; "
                  f"{UPSTREAM} rows: the upstream design in the vpt column)")
     return "\n".join(lines)
-
-
-def write_json(path: Path, data) -> None:
-    """Write `data` atomically: readers see the old file or the complete new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

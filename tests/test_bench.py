@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
-_spec = importlib.util.spec_from_file_location("bench", SCRIPT)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = bench
-_spec.loader.exec_module(bench)
+from scripts import bench
+from transformers_vpt.generation import ForceTokenAtStepLogitsProcessor
 
 SEQ_LEN = 96
 CPU = torch.device("cpu")
@@ -63,6 +57,14 @@ def test_plain_model_holds_the_vpt_text_and_vision_weights(dino):
         assert torch.equal(value, ours[key]), key
 
 
+def test_upstream_design_shares_the_vpt_modules(dino):
+    _, vpt, _, _ = dino
+    upstream = bench.upstream_view(vpt)
+    assert upstream.vpt is vpt
+    assert {id(p) for p in upstream.parameters()} == {id(p) for p in vpt.parameters()}
+    assert type(vpt) is bench.VPT_Qwen2VLForConditionalGeneration  # no class swap
+
+
 def test_upstream_training_step_runs_two_full_passes(dino):
     plain, vpt, inputs, _ = dino
     upstream = bench.upstream_view(vpt)
@@ -70,7 +72,8 @@ def test_upstream_training_step_runs_two_full_passes(dino):
     assert decoder_columns(plain, lambda: bench.train_step(plain, bench.without_extra(train))) == [SEQ_LEN]
     ours = decoder_columns(vpt, lambda: bench.train_step(vpt, train))
     assert len(ours) == 2 and sum(ours) == SEQ_LEN  # pass 1 up to the action, pass 2 from it
-    assert decoder_columns(upstream, lambda: bench.train_step(upstream, train)) == [SEQ_LEN, SEQ_LEN]
+    # the upstream design runs the VPT model's own decoder
+    assert decoder_columns(vpt, lambda: bench.train_step(upstream, train)) == [SEQ_LEN, SEQ_LEN]
 
 
 def test_upstream_decoding_runs_two_passes_per_step(dino):
@@ -87,7 +90,7 @@ def test_upstream_decoding_runs_two_passes_per_step(dino):
     # the step consuming <|detection_action|> (generated third) re-feeds it with its start token
     steps = [1] * (new_tokens - 1)
     steps[bench.FORCED_STEP + 1] = 2
-    assert decoder_columns(upstream, runs["upstream"]) == [c for c in [prompt_length, *steps] for _ in range(2)]
+    assert decoder_columns(vpt, runs["upstream"]) == [c for c in [prompt_length, *steps] for _ in range(2)]
 
 
 def test_upstream_design_has_vpt_numerics(dino):
@@ -97,8 +100,8 @@ def test_upstream_design_has_vpt_numerics(dino):
     with torch.no_grad():
         torch.testing.assert_close(upstream(**inputs["train"]).logits, vpt(**inputs["train"]).logits)
     prompt = inputs["round1"]
-    force = bench.LogitsProcessorList([bench.ForceAt(prompt["input_ids"].shape[1], bench.FORCED_STEP,
-                                                     vpt.config.detection_action_start_id)])
+    force = bench.LogitsProcessorList([ForceTokenAtStepLogitsProcessor(prompt["input_ids"].shape[1], bench.FORCED_STEP,
+                                                                       vpt.config.detection_action_start_id)])
     outputs = [
         model.generate(**prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, logits_processor=force,
                        pad_token_id=vocab["<|endoftext|>"], eos_token_id=vocab[bench.IM_END])

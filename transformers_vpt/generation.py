@@ -20,8 +20,10 @@ class VPTActionLogitsProcessor(LogitsProcessor):
     """Force `<|x_action|>` right after `<|x_action_start|>`.
 
     The action token is never a training target (its label is masked): it is a soft token whose input embedding is the
-    control state, so generation places it. Runs after the samplers' warpers, so the forced token always wins; the
-    model's own choice of action or pad tokens is suppressed before them (see `vpt_suppressed_tokens`).
+    control state, so generation places it. `VPT_Qwen2VLForConditionalGeneration.generate` puts it after the caller's
+    processors; the sampling warpers that `generate` adds after those keep a forced row's single finite score, so the
+    forced token always wins. The model's own choice of action or pad tokens is suppressed before (see
+    `vpt_suppressed_tokens`).
     """
 
     def __init__(self, action_after_start: dict[int, int]):
@@ -55,6 +57,27 @@ class VPTSuppressTokensLogitsProcessor(LogitsProcessor):
             index = torch.tensor([t for t in self.tokens if 0 <= t < vocab_size], dtype=torch.long, device=scores.device)
             self._index = (scores.device, vocab_size, index)
         return scores.index_fill(-1, self._index[2], -float("inf"))
+
+
+class ForceTokenAtStepLogitsProcessor(LogitsProcessor):
+    """Force `token` as the `step`-th generated token (0-based) of every row: its score 0, all others -inf.
+
+    For example, make a VPT model take a perception action: `<|detection_action_start|>` at step 0, after which
+    `generate` forces `<|detection_action|>` itself. `prompt_length` is the (padded) length of the prompt given to
+    `generate`.
+    """
+
+    def __init__(self, prompt_length: int, step: int, token: int):
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        self.position, self.token = prompt_length + step, token
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] != self.position:
+            return scores
+        forced = torch.full_like(scores, -float("inf"))
+        forced[:, self.token] = 0.0
+        return forced
 
 
 class PerRowSeededSampler(LogitsProcessor):
@@ -111,7 +134,9 @@ def seeded_sampling_kwargs(
 
 # LogitsProcessorList calls inspect.signature(processor.__call__) for every processor on every step; with the
 # signature precomputed that is a lookup instead of a parse of the function.
-for _processor in (VPTActionLogitsProcessor, VPTSuppressTokensLogitsProcessor, PerRowSeededSampler):
+for _processor in (
+    VPTActionLogitsProcessor, VPTSuppressTokensLogitsProcessor, ForceTokenAtStepLogitsProcessor, PerRowSeededSampler
+):
     _processor.__call__.__signature__ = inspect.signature(_processor.__call__)
 
 

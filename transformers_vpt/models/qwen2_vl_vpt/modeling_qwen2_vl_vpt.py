@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from packaging import version
 from torch import nn
-from transformers import LogitsProcessorList, Qwen2VLForConditionalGeneration
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, Qwen2VLForConditionalGeneration
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLCausalLMOutputWithPast
@@ -91,8 +92,12 @@ class _PassOne:
 
 
 @dataclass
-class _ExtraImages:
-    """The extra images of one branch in a batch, paired with their samples."""
+class ExtraImageFeatures:
+    """The extra images of one branch in a batch, encoded and paired with their samples.
+
+    Returned by [`VPT_Qwen2VLForConditionalGeneration.get_extra_image_features`], consumed by
+    `get_extra_image_embeds`, `scatter_extra_image_features` and `get_control_states_per_image`.
+    """
 
     branch: VisionBranch
     features: torch.Tensor  # raw encoder output, images in batch order
@@ -235,21 +240,30 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             return self.uniform_module_calls
         return is_deepspeed_zero3_enabled() or _fsdp_enabled()
 
-    def _embed_inputs(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                      extra=None, zero: Optional[_ZeroContribution] = None):
-        """Token embeddings with the original images and videos scattered in, as stock Qwen2-VL does.
+    def get_inputs_embeds(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        extra_image_inputs: dict | None = None,
+    ) -> torch.Tensor:
+        """The token embeddings of `input_ids` with the original images and videos scattered into their pad tokens,
+        as stock Qwen2-VL's forward builds `inputs_embeds` (VPT pads keep their token embeddings).
 
-        With `extra` (the branches' inputs), the encoded images are recorded there for the clip branch to reuse;
-        not in uniform mode (`zero`), where reuse would make the vision tower's calls differ between ranks.
+        Args:
+            extra_image_inputs (`dict`, *optional*):
+                The branches' inputs (`detection_images`, `seg_images`, `clip_pixel_values`,
+                `clip_images_grid_thw`), later given to `get_extra_image_features`. When it holds clip images, the
+                images encoded here are recorded in it, so that a clip image identical to one of them reuses its
+                features instead of a second vision-tower pass.
         """
         embeds = self.model.get_input_embeddings()(input_ids)
-        if pixel_values is None and zero is not None:  # uniform mode: the vision tower runs on a blank image
-            dummy_pixels, dummy_grid = vision_tower_dummy_inputs(self.config.vision_config, input_ids.device)
-            zero.add(torch.cat(self.model.get_image_features(dummy_pixels, dummy_grid), dim=0))
         if pixel_values is not None:
             image_features = self.model.get_image_features(pixel_values, image_grid_thw)
-            if extra is not None and zero is None and extra.get("clip_pixel_values") is not None:
-                extra[ENCODED_IMAGES] = (pixel_values, image_grid_thw, image_features)
+            if extra_image_inputs is not None and extra_image_inputs.get("clip_pixel_values") is not None:
+                extra_image_inputs[ENCODED_IMAGES] = (pixel_values, image_grid_thw, image_features)
             image_embeds = torch.cat(image_features, dim=0)
             image_embeds = image_embeds.to(embeds.device, embeds.dtype)
             image_mask, _ = self.model.get_placeholder_mask(input_ids, embeds, image_features=image_embeds)
@@ -261,8 +275,17 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             embeds = embeds.masked_scatter(video_mask, video_embeds)
         return embeds
 
-    def _position_ids(self, input_ids, attention_mask, image_grid_thw, video_grid_thw, cache_position, past_length):
-        """M-RoPE positions: `get_rope_index` on a prefill, cached deltas on decode steps (Qwen2-VL's own rule).
+    def get_position_ids(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        cache_position: torch.LongTensor | None = None,
+        past_length: int = 0,
+    ) -> torch.LongTensor:
+        """M-RoPE positions (3, batch, seq) of `input_ids`: `get_rope_index` on a prefill (`past_length` 0, which
+        also stores `model.rope_deltas`), the stored deltas on decode steps (Qwen2-VL's own rule).
 
         VPT pad tokens are not image tokens for `get_rope_index`, so they take text positions — in training (the
         LLaMA-Factory collator calls the same function) and in generation alike.
@@ -278,11 +301,22 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         delta = delta.repeat_interleave(batch_size // delta.shape[0], dim=0)
         return torch.arange(seq_length, device=input_ids.device).view(1, 1, -1).expand(3, batch_size, -1) + delta
 
-    def _collect_extra_images(self, input_ids: torch.LongTensor, extra: dict, uniform=False) -> list[_ExtraImages]:
+    def get_extra_image_features(
+        self, input_ids: torch.LongTensor, extra_image_inputs: dict, uniform: bool = False
+    ) -> list[ExtraImageFeatures]:
         """Encode each branch's extra images and pair them with samples by their pad-token runs.
 
-        Uniform mode: a built branch without images encodes one blank image instead (a dummy entry, no pads).
+        Args:
+            input_ids: The token ids, which hold one run of the branch's pad tokens per image, in sample order.
+            extra_image_inputs: `detection_images`, `seg_images`, `clip_pixel_values`, `clip_images_grid_thw` (any
+                may be missing or None).
+            uniform: Uniform mode (see `uniform_module_calls`): a built branch without images encodes one blank
+                image instead (an entry with `dummy=True` and no pads).
+
+        Raises:
+            ValueError: Images and pad tokens do not match (the message names the sample).
         """
+        extra = extra_image_inputs
         collected = []
         built = {branch.kind for branch in self.vpt_branches}
         for kind, branch in BRANCHES.items():
@@ -302,13 +336,13 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
                         raise ValueError(f"Sample {row} has {count} {branch.tokens.image_pad} tokens but {missing}")
                 if uniform and kind in built:
                     features, tokens_per_image = branch.encode(self, branch.dummy_inputs(self.config, input_ids.device))
-                    collected.append(_ExtraImages(branch, features, tokens_per_image, [], pad_mask, dummy=True))
+                    collected.append(ExtraImageFeatures(branch, features, tokens_per_image, [], pad_mask, dummy=True))
                 continue
             if pad_id is None:
                 raise ValueError(f"{key} were given but config.{branch.tokens.image_token_id_field} is not set")
             features, tokens_per_image = branch.encode(self, extra)
             image_rows = _assign_images_to_rows(pad_counts, tokens_per_image.tolist(), branch)
-            collected.append(_ExtraImages(branch, features, tokens_per_image, image_rows, pad_mask))
+            collected.append(ExtraImageFeatures(branch, features, tokens_per_image, image_rows, pad_mask))
         return collected
 
     def _has_vpt_tokens(self, input_ids: torch.LongTensor) -> bool:
@@ -324,8 +358,9 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             self._vpt_token_tensor = (key, torch.tensor(ids, device=input_ids.device))
         return bool(torch.isin(input_ids, self._vpt_token_tensor[1]).any())
 
-    def _action_mask(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Positions of every `<|*_action|>` token of a built branch; an unbuilt branch's action is an error."""
+    def get_action_mask(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
+        """Positions of every `<|*_action|>` token of a built branch, like `input_ids`; an unbuilt branch's action
+        token raises `ValueError`."""
         built = {branch.kind for branch in self.vpt_branches}
         ids = {kind: self._branch_token_ids(branch, "action_id_field") for kind, branch in BRANCHES.items()}
         built_ids = [action for kind, action in ids.items() if action is not None and kind in built]
@@ -341,10 +376,13 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             return torch.zeros_like(input_ids, dtype=torch.bool)
         return torch.isin(input_ids, torch.tensor(built_ids, device=input_ids.device))
 
-    def _control_states_per_image(
-        self, images: _ExtraImages, input_ids: torch.LongTensor, states: torch.Tensor
+    def get_control_states_per_image(
+        self, images: ExtraImageFeatures, input_ids: torch.LongTensor, control_states: torch.Tensor
     ) -> torch.Tensor:
-        """(num_images, scale * H): the control states of each image's action tokens, paired within its sample."""
+        """(num_images, projector_scale * hidden): the control states of each image's action tokens, paired within
+        its sample in order. `control_states[:, t]` (batch, seq, hidden) is the control state of an action token at
+        t (pass 1's final hidden state at t - 1); other positions are ignored."""
+        states = control_states
         scale = self.config.projector_scale
         if images.dummy:
             return states.new_zeros(len(images.tokens_per_image), scale * states.shape[-1])
@@ -363,17 +401,35 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         # image_rows is non-decreasing (images are assigned in sample order), so concatenation keeps image order
         return torch.cat(per_image, dim=0)
 
-    def _scatter(self, embeds: torch.Tensor, images: _ExtraImages, control_states=None, zero=None) -> torch.Tensor:
+    def get_extra_image_embeds(
+        self, images: ExtraImageFeatures, control_states: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The branch projector's output for `images` (one row per pad token): the unconditioned projection without
+        `control_states` (kept in `images.embedded`, which the conditioned projection then starts from), else
+        f + (f.c)c under the per-image `control_states` (`get_control_states_per_image`)."""
         projector = getattr(self, images.branch.projector_attr)
         projected = projector(images.features, images.tokens_per_image, control_states, embedded=images.embedded)
         if control_states is None:
             images.embedded = projected
-        projected = projected.to(embeds.dtype)
+        return projected
+
+    def scatter_extra_image_features(
+        self, inputs_embeds: torch.Tensor, images: ExtraImageFeatures, control_states: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`inputs_embeds` with the pad tokens of `images` replaced by `get_extra_image_embeds(images,
+        control_states)` (cf. Qwen2-VL's `masked_scatter` of image features into their placeholder mask)."""
         if images.dummy:
-            zero.add(projected)
+            raise ValueError("A dummy entry (uniform mode) has no pad tokens to scatter into")
+        projected = self.get_extra_image_embeds(images, control_states).to(inputs_embeds.dtype)
+        mask = images.pad_mask.unsqueeze(-1).expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, projected)
+
+    def _scatter(self, embeds, images: ExtraImageFeatures, control_states=None, zero=None) -> torch.Tensor:
+        """`scatter_extra_image_features`; a dummy entry's projection joins `zero` instead (uniform mode)."""
+        if images.dummy:
+            zero.add(self.get_extra_image_embeds(images, control_states).to(embeds.dtype))
             return embeds
-        mask = images.pad_mask.unsqueeze(-1).expand_as(embeds)
-        return embeds.masked_scatter(mask, projected)
+        return self.scatter_extra_image_features(embeds, images, control_states)
 
     def _paragraph_mask(self, input_ids: torch.LongTensor, eligible_rows: torch.Tensor) -> torch.Tensor:
         """Mask modelling: positions to blank in pass 2, drawn per sample, per paragraph (chat turn)."""
@@ -483,8 +539,23 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
     # ------------------------------------------------------------------ generation
     # One decoder pass per decode step: when the new token is `<|x_action|>`, its control state is the final hidden
     # state of the step that produced `<|x_action_start|>`, carried in `prev_hidden_state`. No cache copies.
-    def _get_logits_processor(self, generation_config, *args, **kwargs) -> LogitsProcessorList:
-        processors = super()._get_logits_processor(generation_config, *args, **kwargs)
+    def get_vpt_logits_processors(self) -> tuple[list[LogitsProcessor], list[LogitsProcessor]]:
+        """The VPT generation rules as logits processors: (those to run first, those to run last); `generate` puts
+        them around the caller's `logits_processor`.
+
+        First: [`VPTSuppressTokensLogitsProcessor`] over the action tokens (only ever forced) and the VPT pads (a
+        generated pad would have no image features), before the caller's processors and the sampling warpers, so
+        that top-k / top-p never keep only forbidden tokens. Last: [`VPTActionLogitsProcessor`], which forces
+        `<|x_action|>` right after `<|x_action_start|>`. Empty lists for a model without VPT tokens.
+        """
+        action_after_start, pads = self._vpt_action_and_pad_ids()
+        suppressed = vpt_suppressed_tokens(action_after_start, pads)
+        first = [VPTSuppressTokensLogitsProcessor(suppressed)] if suppressed else []
+        last = [VPTActionLogitsProcessor(action_after_start)] if action_after_start else []
+        return first, last
+
+    def _vpt_action_and_pad_ids(self) -> tuple[dict[int, int], list[int]]:
+        """({action start id: action id}, [pad ids]) of the built branches whose ids are set."""
         action_after_start, pads = {}, []
         for branch in self.vpt_branches:
             start = self._branch_token_ids(branch, "action_start_id_field")
@@ -494,18 +565,48 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             pad = self._branch_token_ids(branch, "image_token_id_field")
             if pad is not None:
                 pads.append(pad)
-        if action_after_start and (generation_config.num_beams or 1) > 1:
-            # the control state kept between decode steps is per sequence, not reordered with the beams
+        return action_after_start, pads
+
+    def _requested_num_beams(self, generation_config: GenerationConfig | None, kwargs: dict) -> int:
+        """The `num_beams` that `generate` will use, with `GenerationMixin.generate`'s precedence: `generate` kwargs,
+        then `generation_config`, whose values left at the global default take the model's `generation_config`
+        values (`use_model_defaults`, on by default for models saved by transformers >= 4.50), else the model's."""
+        if "num_beams" in kwargs:
+            return kwargs["num_beams"] or 1
+        if generation_config is None:
+            return self.generation_config.num_beams or 1
+        value, model_value = generation_config.num_beams, self.generation_config.num_beams
+        use_model_defaults = kwargs.get("use_model_defaults")
+        if use_model_defaults is None:
+            saved_by = version.parse(version.parse(self.generation_config.transformers_version or "0").base_version)
+            use_model_defaults = saved_by >= version.parse("4.50.0")
+        default = GenerationConfig().num_beams
+        if use_model_defaults and value == default and model_value != default:
+            value = model_value
+        return value or 1
+
+    def generate(self, inputs=None, generation_config=None, logits_processor=None, *args, **kwargs):
+        r"""[`~GenerationMixin.generate`] with the VPT generation rules.
+
+        The rules ([`get_vpt_logits_processors`]) join the caller's `logits_processor` list, which is kept: the pad and
+        action suppression before the caller's processors, the forcing of `<|x_action|>` after them. `generate`
+        places custom processors after the ones it builds from the generation config (repetition penalty, minimum
+        length ...) and before the sampling warpers (temperature, top-k, top-p ...); every warper keeps the single
+        finite score a forced row has, so the forced token always wins.
+
+        Beam search is refused (`ValueError`) when the model has re-encoding branches: the control state carried
+        between decode steps (`prev_hidden_state`) is per sequence and is not reordered with the beams. Greedy
+        decoding and sampling are supported.
+        """
+        first, last = self.get_vpt_logits_processors()
+        num_beams = self._requested_num_beams(generation_config, kwargs) if last else 1
+        if num_beams > 1:
             raise ValueError(
-                f"num_beams={generation_config.num_beams}: beam search is not supported by a VPT model with "
-                f"re-encoding branches ({', '.join(self.config.vision_encoder_ls)}); use greedy decoding or sampling"
+                f"num_beams={num_beams}: beam search is not supported by a VPT model with re-encoding branches "
+                f"({', '.join(self.config.vision_encoder_ls)}); use greedy decoding or sampling"
             )
-        suppressed = vpt_suppressed_tokens(action_after_start, pads)
-        if suppressed:  # first: top-k / top-p then never keep only forbidden tokens
-            processors.insert(0, VPTSuppressTokensLogitsProcessor(suppressed))
-        if action_after_start:
-            processors.append(VPTActionLogitsProcessor(action_after_start))  # last: its forcing wins
-        return processors
+        processors = LogitsProcessorList([*first, *(logits_processor or []), *last])
+        return super().generate(inputs, generation_config, processors, *args, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, cache_position=None, **kwargs):
         prev_hidden_state = kwargs.pop("prev_hidden_state", None)
@@ -517,6 +618,9 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         inputs["prev_hidden_state"] = prev_hidden_state
         return inputs
 
+    # A private GenerationMixin hook, overridden because generate has no public way to carry per-sequence model state
+    # from one decode step to the next (Qwen2-VL keeps its rope deltas on the model instead, which is not per call):
+    # the step after `<|x_action_start|>` needs that step's final hidden state as its action token's control state.
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
         model_kwargs["prev_hidden_state"] = outputs.last_hidden_state
@@ -576,7 +680,7 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             past_key_values = DynamicCache(config=self.config)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
-            position_ids = self._position_ids(
+            position_ids = self.get_position_ids(
                 input_ids, attention_mask, image_grid_thw, video_grid_thw, cache_position, past_length
             )
         if cache_position is None:
@@ -589,12 +693,17 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         # Uniform mode: what this batch does not need still runs, and joins the output multiplied by 0.
         zero = _ZeroContribution() if past_length == 0 and self.uses_uniform_module_calls else None
         has_extra = any(value is not None for value in extra.values())
-        embeds = self._embed_inputs(
-            input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, extra=extra, zero=zero
+        # In uniform mode the clip branch never reuses encoded images: the vision tower's calls would differ by rank.
+        embeds = self.get_inputs_embeds(
+            input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+            extra_image_inputs=extra if zero is None else None,
         )
+        if pixel_values is None and zero is not None:  # uniform mode: the vision tower runs on a blank image
+            dummy_pixels, dummy_grid = vision_tower_dummy_inputs(self.config.vision_config, input_ids.device)
+            zero.add(torch.cat(self.model.get_image_features(dummy_pixels, dummy_grid), dim=0))
         if zero is not None or has_extra or self._has_vpt_tokens(input_ids):
-            extra_images = self._collect_extra_images(input_ids, extra, uniform=zero is not None)
-            action_mask = self._action_mask(input_ids)
+            extra_images = self.get_extra_image_features(input_ids, extra, uniform=zero is not None)
+            action_mask = self.get_action_mask(input_ids)
         else:  # most decode steps: no VPT pad or action token, so one plain pass (one scan, one host sync)
             extra_images, action_mask = [], None
         real_images = [images for images in extra_images if not images.dummy]
@@ -626,7 +735,7 @@ class VPT_Qwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             final_embeds = embeds
             for images in extra_images:
                 final_embeds = self._scatter(
-                    final_embeds, images, self._control_states_per_image(images, input_ids, control), zero
+                    final_embeds, images, self.get_control_states_per_image(images, input_ids, control), zero
                 )
                 changed |= images.pad_mask
             if self.training and self.config.para_mask_id and self.config.para_mask_ratio > 0 and real_images:

@@ -17,7 +17,8 @@ from transformers import BitImageProcessor, Qwen2VLImageProcessor, SamImageProce
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 from transformers.image_utils import load_image as load_remote_image
-from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor, Qwen2VLProcessorKwargs
+from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLImagesKwargs, Qwen2VLProcessor
+from transformers.processing_utils import ProcessingKwargs, Unpack
 
 from ...images import load_image
 from ...vocabulary import (
@@ -223,6 +224,31 @@ def _with_loaded_images(conversation: list) -> list:
             parts.append(part)
         loaded.append({**message, "content": parts})
     return loaded
+
+
+class VPT_Qwen2VLProcessorKwargs(ProcessingKwargs, total=False):
+    """The call kwargs of [`VPT_Qwen2VLProcessor`], typed and defaulted like Qwen2-VL's `Qwen2VLProcessorKwargs`.
+
+    `text_kwargs` go to the tokenizer (`padding`, `padding_side`, `truncation`, `max_length`, ...;
+    `return_mm_token_type_ids` adds `mm_token_type_ids`, 1 at `<|image_pad|>`). `images_kwargs` (Qwen2-VL's image
+    kwargs: `min_pixels`, `max_pixels`, ...) go to the Qwen2-VL image processor, for `images` and `clip_images`;
+    detection and seg images always use the processor's saved DINOv2 / SAM settings. `videos_kwargs` go to the
+    video processor; `return_tensors` (a common kwarg) applies to every output. Defaults: no padding, no
+    `mm_token_type_ids`; the padding side is the tokenizer's.
+    """
+
+    images_kwargs: Qwen2VLImagesKwargs
+    _defaults = {  # noqa: RUF012 (ProcessingKwargs reads this class attribute)
+        "text_kwargs": {
+            "padding": False,
+            "return_mm_token_type_ids": False,
+        },
+    }
+
+
+# `_merge_kwargs` reads the modality classes from `__annotations__`; this module's `from __future__ import annotations`
+# left a string there (ProcessingKwargs documents the same assignment for Python 3.8).
+VPT_Qwen2VLProcessorKwargs.__annotations__["images_kwargs"] = Qwen2VLImagesKwargs
 
 
 def _slow_image_processor(fast: Any) -> Qwen2VLImageProcessor:
@@ -456,7 +482,7 @@ class VPT_Qwen2VLProcessor(Qwen2VLProcessor):
         detection_images: Any = None,
         seg_images: Any = None,
         clip_images: Any = None,
-        **kwargs,
+        **kwargs: Unpack[VPT_Qwen2VLProcessorKwargs],
     ) -> BatchFeature:
         """Tokenize ``text`` with expanded placeholders and preprocess every kind of visual input.
 
@@ -467,7 +493,8 @@ class VPT_Qwen2VLProcessor(Qwen2VLProcessor):
             detection_images: DINOv2 images, flat or per sample.
             seg_images: SAM images, flat or per sample.
             clip_images: Images re-encoded by Qwen2-VL's vision tower, flat or per sample.
-            kwargs: Tokenizer and image-processor kwargs, e.g. ``padding``, ``padding_side``, ``return_tensors``.
+            kwargs: [`VPT_Qwen2VLProcessorKwargs`]: tokenizer, image-processor and video-processor kwargs, flat
+                (``padding_side="left"``, ``return_tensors="pt"``) or per modality (``text_kwargs={...}``).
 
         Returns:
             [`BatchFeature`] with ``input_ids``, ``attention_mask`` and, for the inputs given, ``pixel_values`` and
@@ -477,7 +504,7 @@ class VPT_Qwen2VLProcessor(Qwen2VLProcessor):
         if text is None:
             raise ValueError(f"{type(self).__name__} needs `text` with a placeholder for each visual input")
         output_kwargs = self._merge_kwargs(
-            Qwen2VLProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+            VPT_Qwen2VLProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
         )
         text_kwargs = output_kwargs["text_kwargs"]
         return_tensors = text_kwargs.pop("return_tensors", None)
@@ -590,4 +617,4 @@ class VPT_Qwen2VLProcessor(Qwen2VLProcessor):
         return super().apply_chat_template(conversation, chat_template, **kwargs)
 
 
-__all__ = ["VPT_Qwen2VLProcessor", "split_literal", "strip_literal_markers"]
+__all__ = ["VPT_Qwen2VLProcessor", "VPT_Qwen2VLProcessorKwargs", "split_literal", "strip_literal_markers"]
