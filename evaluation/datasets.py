@@ -22,6 +22,7 @@ from transformers_vpt.vocabulary import (
     IMAGE_PLACEHOLDER,
     REENCODE_TRIGGER,
     REGION_TRIGGER,
+    TRIGGER_MODES,
     VIDEO_PLACEHOLDER,
 )
 
@@ -47,7 +48,7 @@ RELEASED_TEST_SETS = (
 TEST_SPLIT_GLOB = "*_test*.json"
 """Files picked up when no dataset is named (``X_test.json``, ``X_test_8cut.json``; not train, meta or info files)."""
 
-MODES = ("keep", "region", "reencode", "free")
+MODES = ("keep", *TRIGGER_MODES)
 """``keep`` sends the first user turn verbatim; the others rebuild it with that trigger phrase (``free``: none)."""
 
 _TRIGGERS = re.compile(r"\s*(?:" + "|".join(map(re.escape, (REGION_TRIGGER, REENCODE_TRIGGER))) + ")")

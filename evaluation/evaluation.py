@@ -62,10 +62,10 @@ from evaluation.storage import (
     output_path,
     prepare_output_dir,
     read_json,
-    write_json,
 )
 from transformers_vpt import VPT_Qwen2VLConfig, VRT_Qwen2VLConfig
 from transformers_vpt.errors import DEBUG_ENV, VPTUserError, one_line, run_cli
+from transformers_vpt.files import write_json
 from transformers_vpt.images import ImageLoadError, load_image
 from transformers_vpt.pipeline import PROTOCOLS, VPTPipeline, VPTResult, model_type_of
 

@@ -11,8 +11,9 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from transformers_vpt.files import write_atomic, write_json, write_text
+
 from .scoring import JUDGE, PRIMARY_METRIC
-from .storage import write_atomic, write_json, write_text
 
 # results[model][dataset] is a dataset summary of `scoring.score`; models[model] is {"kind", "path"}.
 Results = Mapping[str, Mapping[str, Mapping[str, Any]]]

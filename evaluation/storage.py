@@ -1,5 +1,5 @@
-"""Crash-safe files: atomic whole-file writes, an append-only JSONL log of answers, the run lock of an output
-directory, and folder names that cannot leave it."""
+"""Crash-safe files: an append-only JSONL log of answers, the run lock of an output directory, and folder names that
+cannot leave it. Whole-file writes are atomic through `transformers_vpt.files`."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from transformers_vpt.errors import VPTUserError
 
@@ -103,32 +103,6 @@ def _lock_holder(fd: int) -> str:
     except (OSError, UnicodeDecodeError):
         return ""
     return f" (pid {pid})" if pid.isdigit() else ""
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Call ``write`` on a temporary file next to ``path``, sync it and rename it over ``path``.
-
-    Readers (and a rerun after a crash) see the old file or the complete new one, never a half-written one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    write_atomic(path, lambda file: file.write(text.encode("utf-8")))
-
-
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    write_text(path, json.dumps(data, ensure_ascii=False, indent=1) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:

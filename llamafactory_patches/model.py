@@ -25,10 +25,9 @@ from llamafactory.model.model_utils import visual
 
 from transformers_vpt import VPT_Qwen2VLConfig, VPT_Qwen2VLProcessor, VRT_Qwen2VLConfig
 from transformers_vpt.perception import BRANCHES
-from transformers_vpt.vocabulary import add_vpt_tokens
+from transformers_vpt.vocabulary import add_vpt_tokens, init_added_token_rows
 
 from .args import VPT_CONFIG_FIELDS
-from .embeddings import init_added_token_rows
 from .guard import Private
 
 logger = logging.get_logger(__name__)

@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # evaluation/ is a folder of the repository, not an installed package
-
-from evaluation.storage import write_atomic, write_json, write_text  # noqa: E402
+from transformers_vpt.files import write_atomic, write_json, write_text
 
 STAGES = ("alignment", "instruction")
 BEFORE, AFTER = "before", "after"

@@ -26,6 +26,7 @@ from typing import Any
 from tqdm import tqdm
 
 from transformers_vpt.errors import run_cli
+from transformers_vpt.files import write_json
 from transformers_vpt.records import IMAGE_KINDS, ImageChecker, record_problems
 from transformers_vpt.regions import split_crop_path
 from transformers_vpt.vocabulary import BRANCH_TOKENS, GRID_SIZE
@@ -113,20 +114,6 @@ def rewrite_paths(record: Any, rewrite: PathRewriter) -> Any:
     }
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write through a temporary file in the same folder, so a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 @dataclass(frozen=True)
 class FileResult:
     """What happened to one input file: its record count, its problems, and whether its output was written."""
@@ -159,7 +146,7 @@ def process_file(
         records[index] = record = rewrite_paths(record, rewrite)
         found += record_problems(record, grid_size, check_image)
         problems += [Problem(src.name, index, message) for message in found]
-    write_json_atomic(dst, records)
+    write_json(dst, records, indent=2)
     return FileResult(src.name, len(records), problems, written=True)
 
 
@@ -281,8 +268,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     print(summary_table(results))
     problems = [problem for result in results for problem in result.problems]
     if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(
+        write_json(
             args.report,
             {
                 "files": [
@@ -291,6 +277,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
                 ],
                 "problems": [{"file": p.file, "index": p.index, "message": p.message} for p in problems],
             },
+            indent=2,
         )
     unwritten = [r.name for r in results if not r.written]
     if unwritten:

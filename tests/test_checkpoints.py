@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoModelForVision2Seq
+from utils import make_model
 
-from conftest import make_model
 from transformers_vpt import VPT_Qwen2VLForConditionalGeneration, VRT_Qwen2VLForConditionalGeneration
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 from PIL import Image
-from test_pipeline import SPAN_A, make_image, scripted_kwargs
+from utils import SPAN_A, make_image, script_pipeline_runs
 
 from transformers_vpt.cli import main
-from transformers_vpt.pipeline import VPTPipeline
 from transformers_vpt.tiny.assemble import build_tiny_vpt
 
 
@@ -49,13 +48,7 @@ def test_infer_prints_answer_and_action(model_dir, image_path, capsys):
 
 
 def test_infer_region_and_save_boxes(model_dir, image_path, tmp_path, monkeypatch, capsys):
-    run = VPTPipeline.run
-
-    def scripted_run(self, user_texts, images, **kwargs):
-        kwargs["generation_kwargs"] = scripted_kwargs(self.processor, {"What?": SPAN_A})
-        return run(self, user_texts, images, **kwargs)
-
-    monkeypatch.setattr(VPTPipeline, "run", scripted_run)
+    script_pipeline_runs(monkeypatch, {"What?": SPAN_A})
     out_png = tmp_path / "boxes.png"
     assert main(infer_args(model_dir, image_path, "--save-boxes", str(out_png))) == 0
     out = capsys.readouterr().out

@@ -19,6 +19,7 @@ from transformers import (
 from transformers_vpt import VPT_Qwen2VLProcessor
 from transformers_vpt.images import fit_image
 from transformers_vpt.pipeline import VPTPipeline
+from transformers_vpt.tiny.sources import make_tiny
 from transformers_vpt.tiny.tokenizer import build_tiny_tokenizer
 from transformers_vpt.vocabulary import BRANCH_TOKENS, IMAGE_PAD
 
@@ -110,12 +111,11 @@ def test_the_slow_image_processor_is_the_default():
 def test_training_data_follows_the_released_rule(tmp_path):
     """The tokenised dataset of `llamafactory-cli`'s own data path has the released counts (and the inference ones)."""
     import llamafactory_patches
-    from test_prepare_weights import make_tiny
 
     llamafactory_patches.apply()
     from llamafactory.train.test_utils import load_dataset_module
 
-    tiny = make_tiny.make_tiny(tmp_path / "tiny", data=False)
+    tiny = make_tiny(tmp_path / "tiny", data=False)
     dino = BRANCH_TOKENS["dino"]
     real = make_processor(Qwen2VLImageProcessor(**REAL))
     checkpoint = VPT_Qwen2VLProcessor.from_pretrained(tiny["model"])

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from conftest import TOKEN_IDS, Sample, collate, make_model
+from utils import TOKEN_IDS, Sample, collate, make_model
 
 
 def test_fewer_control_tokens_than_images(model):

@@ -11,12 +11,20 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from PIL import Image, ImageDraw
-from test_judge import FakeOpenAI
-from test_pipeline import Scripted
-from test_synthetic_data import synth
-from transformers import LogitsProcessorList, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+from PIL import Image
+from utils import (
+    ROOT,
+    SPAN_A,
+    FakeOpenAI,
+    action_record,
+    draw,
+    eval_config,
+    load,
+    read_jsonl,
+    record,
+    region_record,
+    scripted,
+)
 
 from evaluation import evaluation as ev
 from evaluation.datasets import RELEASED_TEST_SETS, prompt_for_mode
@@ -25,32 +33,20 @@ from evaluation.scoring import PRIMARY_METRIC, family_of
 from evaluation.storage import AnswerLog
 from transformers_vpt.pipeline import VPTPipeline
 from transformers_vpt.regions import box_to_region_text
-from transformers_vpt.tiny.assemble import build_tiny_vpt
-from transformers_vpt.tiny.model import TINY_TEXT, TINY_VISION
-from transformers_vpt.tiny.processor import build_tiny_processor
-from transformers_vpt.tiny.tokenizer import build_tiny_tokenizer
-from transformers_vpt.vocabulary import (
-    BRANCH_TOKENS,
-    IMAGE_PAD,
-    REENCODE_TRIGGER,
-    REGION_TRIGGER,
-    VIDEO_PAD,
-    VISION_END,
-    VISION_START,
-)
+from transformers_vpt.tiny import synthetic as synth
+from transformers_vpt.tiny.assemble import build_tiny_qwen2_vl, build_tiny_vpt
+from transformers_vpt.vocabulary import BRANCH_TOKENS, REENCODE_TRIGGER, REGION_TRIGGER
 
-ROOT = Path(__file__).resolve().parents[1]
 DET, SEG, CLIP = BRANCH_TOKENS["dino"], BRANCH_TOKENS["sam"], BRANCH_TOKENS["clip"]
-SPAN = box_to_region_text((2, 3, 5, 4))
 # Round-1 text per route and the action it must give; "none" answers the reference itself.
 ROUTES = {
-    "region": (SPAN, "region"),
+    "region": (SPAN_A, "region"),
     "two regions": (box_to_region_text((0, 0, 0, 0)) + " and " + box_to_region_text((6, 6, 7, 7)), "region"),
     "dino": (DET.action_triple, "dino"),
     "sam": (SEG.action_triple, "sam"),
     "clip": (CLIP.action_triple, "clip"),
     "none": (None, "none"),
-    "conflict": (SPAN + DET.action_triple, "conflict"),
+    "conflict": (SPAN_A + DET.action_triple, "conflict"),
 }
 GOOD_RECORDS = {name: 5 if name.startswith("POPE") else 2 for name in RELEASED_TEST_SETS}
 BROKEN = {  # appended to GQA_region_test: record -> the problem reported
@@ -67,28 +63,6 @@ def reference(dataset: str, k: int) -> str:
     if dataset.startswith(("TextCap", "Flickr30k", "LLaVA")):
         return f"A red square, {k}."
     return ("Now answer the question.\n" if k % 3 == 0 else "") + f"red {k}"
-
-
-def region_record(question: str, answer: str, image: str) -> dict:
-    messages = [f"<image>\n{question} \n{REGION_TRIGGER}", SPAN, "<image>", answer]
-    return record(messages, [image, image + "_0,0,48,36"])
-
-
-def action_record(question: str, answer: str, image: str) -> dict:
-    messages = [f"<image>\n{question}\n{REENCODE_TRIGGER}", DET.action_triple, DET.placeholder, answer]
-    return record(messages, [image], detection_images=[image])
-
-
-def record(turns: list[str], images: list[str], **extra) -> dict:
-    roles = ("user", "assistant")
-    messages = [{"role": roles[i % 2], "content": text} for i, text in enumerate(turns)]
-    return {"messages": messages, "images": images, "detection_images": [], "seg_images": [], "clip_images": []} | extra
-
-
-def draw(path: Path, k: int) -> None:
-    image = Image.new("RGB", (96 + 8 * (k % 3), 72), "white")
-    ImageDraw.Draw(image).rectangle((10 + k, 10, 50, 40), fill=(200, 30 * (k % 8), 40))
-    image.save(path)
 
 
 @pytest.fixture(scope="module")
@@ -129,34 +103,8 @@ def models(tmp_path_factory):
     """Directories of a tiny VPT model (all branches) and a tiny plain Qwen2-VL, with their processors."""
     root = tmp_path_factory.mktemp("models")
     _, vpt_processor = build_tiny_vpt(save_dir=root / "vpt")
-    tokenizer = build_tiny_tokenizer((), with_regions=False)
-    image_processing = build_tiny_processor(tokenizer)
-    processor = Qwen2VLProcessor(
-        image_processor=image_processing.image_processor,
-        tokenizer=tokenizer,
-        video_processor=image_processing.video_processor,
-        chat_template=tokenizer.chat_template,
-    )
-    ids = tokenizer.convert_tokens_to_ids
-    config = Qwen2VLConfig(
-        text_config=TINY_TEXT,
-        vision_config=TINY_VISION,
-        image_token_id=ids(IMAGE_PAD),
-        video_token_id=ids(VIDEO_PAD),
-        vision_start_token_id=ids(VISION_START),
-        vision_end_token_id=ids(VISION_END),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(root / "qwen2vl")
-    processor.save_pretrained(root / "qwen2vl")
+    _, processor = build_tiny_qwen2_vl(save_dir=root / "qwen2vl")
     return {"vpt": (root / "vpt", vpt_processor), "qwen2vl": (root / "qwen2vl", processor)}
-
-
-def scripted(processor, scripts) -> dict:
-    return {"logits_processor": LogitsProcessorList([Scripted(processor.tokenizer, scripts)])}
 
 
 def baseline_overrides(models, data) -> dict:
@@ -166,28 +114,13 @@ def baseline_overrides(models, data) -> dict:
     return scripted(models["qwen2vl"][1], answers)
 
 
-def config(data_dir, output_dir, *models, extra=()) -> ev.EvalConfig:
-    argv = ["--data-dir", str(data_dir), "--output-dir", str(output_dir), "--device", "cpu", "--max-image-side", "64"]
-    for model in models:
-        argv += ["--model", str(model)]
-    return ev.parse_config(argv + ["--greedy", "--max-new-tokens", "32", "--batch-size", "4", *extra])
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def load(path: Path):
-    return json.loads(path.read_text())
-
-
 @pytest.fixture(scope="module")
 def vpt_run(tmp_path_factory, data, models):
     """A greedy evaluation of the VPT model on every split; returns the output dir and the returned summaries."""
     data_dir, scripts, _ = data
     out = tmp_path_factory.mktemp("vpt_run")
     model_dir, processor = models["vpt"]
-    results, _ = ev.evaluate(config(data_dir, out, model_dir), scripted(processor, scripts))
+    results, _ = ev.evaluate(eval_config(data_dir, out, model_dir), scripted(processor, scripts))
     return out, results
 
 
@@ -252,24 +185,17 @@ def test_baseline_judge_and_reports(vpt_run, data, models, tmp_path, monkeypatch
         "from_pretrained",
         classmethod(lambda cls, *args, **kwargs: loaded.append(args) or from_pretrained(cls, *args, **kwargs)),
     )
-    server = FakeOpenAI()
-    server.thread.start()
-
     def judge(body):
         prompt = body["messages"][0]["content"]
         truth, answer = prompt.rpartition("\nStandard answer: ")[2].split("\nModel's answer: ")
         return 200, "score: 1" if truth == answer else "score: 0.25"
 
-    server.script = judge
-    try:
-        cfg = config(data_dir, out, models["vpt"][0], models["qwen2vl"][0], extra=["--judge-base-url", server.url])
+    with FakeOpenAI(judge) as server:
+        cfg = eval_config(data_dir, out, models["vpt"][0], models["qwen2vl"][0], extra=["--judge-base-url", server.url])
         results, markdown = ev.evaluate(cfg, baseline_overrides(models, data))
         requests = len(server.requests)
         again, _ = ev.evaluate(cfg, baseline_overrides(models, data))
         assert len(server.requests) == requests  # the judge cache in the output dir answers the rerun
-    finally:
-        server.httpd.shutdown()
-        server.httpd.server_close()
     assert again == results
     assert [Path(args[0]).name for args in loaded] == ["qwen2vl"]  # BaselinePipeline inherits from_pretrained;
     # the VPT model had nothing left to answer, the baseline is loaded once (the rerun has nothing left either)
@@ -331,7 +257,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(data, models, tmp_path
     model_dir, processor = models["vpt"]
     extra = ["--datasets", "POPE_action_test", "--batch-size", "2", "--no-greedy", "--top-p", "1.0"]
     reference_results, _ = ev.evaluate(
-        config(data_dir, tmp_path / "once", model_dir, extra=extra), scripted(processor, scripts)
+        eval_config(data_dir, tmp_path / "once", model_dir, extra=extra), scripted(processor, scripts)
     )
 
     run, calls = VPTPipeline.run, []
@@ -343,7 +269,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(data, models, tmp_path
         return run(self, *args, **kwargs)
 
     monkeypatch.setattr(VPTPipeline, "run", killed_on_second_batch)
-    resumed = config(data_dir, tmp_path / "killed", model_dir, extra=extra)
+    resumed = eval_config(data_dir, tmp_path / "killed", model_dir, extra=extra)
     with pytest.raises(KeyboardInterrupt):
         ev.evaluate(resumed, scripted(processor, scripts))
     answers = tmp_path / "killed/vpt/POPE_action_test/answers.jsonl"
@@ -374,7 +300,7 @@ def test_resume_after_a_cut_off_line(vpt_run, data, models, tmp_path, monkeypatc
         VPTPipeline, "run", lambda self, texts, *a, **kw: asked.extend(texts) or run(self, texts, *a, **kw)
     )
     model_dir, processor = models["vpt"]
-    results, _ = ev.evaluate(config(data_dir, out, model_dir), scripted(processor, scripts))
+    results, _ = ev.evaluate(eval_config(data_dir, out, model_dir), scripted(processor, scripts))
 
     assert len(asked) == 3  # records 2, 3 and 4 of POPE, nothing else
     assert results == vpt_run[1]
@@ -406,7 +332,7 @@ def test_failures_at_run_time_are_isolated_and_retried(data, models, tmp_path, m
 
     monkeypatch.setattr(VPTPipeline, "run", fails_on_record_1)
     model_dir, processor = models["vpt"]
-    cfg = config(tmp_path / "data", tmp_path / "out", model_dir, extra=["--media-dir", str(data_dir)])
+    cfg = eval_config(tmp_path / "data", tmp_path / "out", model_dir, extra=["--media-dir", str(data_dir)])
     results, _ = ev.evaluate(cfg, scripted(processor, scripts))
     folder = tmp_path / "out/vpt/POPE_action_test"
     assert [a["index"] for a in read_jsonl(folder / "answers.jsonl")] == [0, 2]
@@ -452,7 +378,8 @@ def test_region_token_accuracy(data, models, tmp_path):
         DET.action_triple,  # no region: not counted
     ]
     model_dir, processor = models["vpt"]
-    cfg = config(data_dir, tmp_path / "out", model_dir, extra=["--datasets", *datasets, "--region-meta", str(meta)])
+    extra = ["--datasets", *datasets, "--region-meta", str(meta)]
+    cfg = eval_config(data_dir, tmp_path / "out", model_dir, extra=extra)
     results, markdown = ev.evaluate(cfg, scripted(processor, dict(zip(keys, round1))))
     assert results["vpt"]["OI_region_test"]["region_accuracy"] == {"correct": 2, "total": 2, "accuracy": 1.0}
     assert results["vpt"]["VSR_region_test"]["region_accuracy"] == {"correct": 0, "total": 1, "accuracy": 0.0}

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_evaluation import ROOT, action_record, draw, load, read_jsonl, scripted
-from test_judge import FakeOpenAI
+from utils import ROOT, FakeOpenAI, action_record, draw, load, read_jsonl, scripted
 
 from evaluation import evaluation as ev
 from evaluation.datasets import BrokenRecord, make_item, prepare_items
@@ -79,15 +78,12 @@ JUDGE_REPLIES = {"[r0]": "Score: 100", "[r1]": "no idea"}  # every other answer:
 
 @pytest.fixture
 def judge_server():
-    server = FakeOpenAI()
-    server.script = lambda body: (
-        200,
-        next((r for key, r in JUDGE_REPLIES.items() if key in body["messages"][0]["content"]), "score: 0.5"),
-    )
-    server.thread.start()
-    yield server
-    server.httpd.shutdown()
-    server.httpd.server_close()
+    def reply(body):
+        prompt = body["messages"][0]["content"]
+        return 200, next((r for key, r in JUDGE_REPLIES.items() if key in prompt), "score: 0.5")
+
+    with FakeOpenAI(reply) as server:
+        yield server
 
 
 def test_out_of_range_and_missing_judge_scores_are_unscored_and_counted(split, vpt, tmp_path, judge_server):

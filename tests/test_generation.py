@@ -5,25 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
+from utils import IM_END, IM_START, PAD, TOKEN_IDS, Sample, collate, make_model
 
-from conftest import IM_END, IM_START, PAD, TOKEN_IDS, Sample, collate, make_model
+from transformers_vpt.generation import ForceTokenAtStepLogitsProcessor
 from vpt_reference import reference_forward
 
 STARTS = {TOKEN_IDS[f"{p}_action_start_id"]: TOKEN_IDS[f"{p}_action_id"] for p in ("detection", "seg", "clip")}
 NEVER = [TOKEN_IDS[f"{p}_image_token_id"] for p in ("detection", "seg", "clip")] + list(STARTS.values())
-
-
-class ForceAt(LogitsProcessor):
-    """Test helper: force `token` at generation step `step` (counted from the prompt end)."""
-
-    def __init__(self, prompt_length: int, step: int, token: int):
-        self.prompt_length, self.step, self.token = prompt_length, step, token
-
-    def __call__(self, input_ids, scores):
-        if input_ids.shape[1] - self.prompt_length == self.step:
-            scores = torch.full_like(scores, -float("inf"))
-            scores[:, self.token] = 0.0
-        return scores
 
 
 class Ban(LogitsProcessor):
@@ -69,7 +57,8 @@ def slow_greedy(model, batch, steps, force=None, ban=()):
 def fast_greedy(model, batch, steps, force=None, ban=()):
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     prompt_length = inputs["input_ids"].shape[1]
-    processors = LogitsProcessorList(([ForceAt(prompt_length, *force)] if force else []) + ([Ban(ban)] if ban else []))
+    forced = [ForceTokenAtStepLogitsProcessor(prompt_length, *force)] if force else []
+    processors = LogitsProcessorList(forced + ([Ban(ban)] if ban else []))
     out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                          logits_processor=processors, return_dict_in_generate=True, output_logits=True,
                          pad_token_id=PAD, eos_token_id=IM_END)

@@ -1,83 +1,18 @@
 """JudgeClient against a scripted OpenAI-compatible server running on 127.0.0.1 inside the test."""
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from utils import FakeOpenAI
 
 from evaluation.judge import TEMPLATE_QUIRK, JudgeClient, build_prompt, extract_score
-
-SUCCESS = (200, "score: 1")
-
-
-class FakeOpenAI:
-    """Records every request; ``script`` returns ``(status, reply)`` per request body.
-
-    ``reply`` is the assistant message content for status 200 (bytes are sent as the raw body instead).
-    """
-
-    def __init__(self):
-        self.requests = []
-        self.script = lambda body: SUCCESS
-        self.delay = 0.0
-        self.in_flight = self.max_in_flight = 0
-        self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def sequence(self, *responses):
-        """Answer requests with ``responses`` in order, repeating the last one."""
-        queue = list(responses)
-        self.script = lambda body: queue.pop(0) if len(queue) > 1 else queue[0]
-
-    def _handler(self):
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with fake.lock:
-                    fake.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                    fake.in_flight += 1
-                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-                    status, reply = fake.script(body)
-                time.sleep(fake.delay)
-                with fake.lock:
-                    fake.in_flight -= 1
-                if isinstance(reply, bytes):
-                    payload = reply
-                elif status == 200:
-                    message = {"role": "assistant", "content": reply}
-                    payload = json.dumps({"choices": [{"index": 0, "message": message}]}).encode()
-                else:
-                    payload = json.dumps({"error": {"message": reply}}).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        return Handler
 
 
 @pytest.fixture
 def server():
-    fake = FakeOpenAI()
-    fake.thread.start()
-    yield fake
-    fake.httpd.shutdown()
-    fake.httpd.server_close()
-    fake.thread.join(timeout=5)
+    with FakeOpenAI() as fake:
+        yield fake
     assert not fake.thread.is_alive()
 
 

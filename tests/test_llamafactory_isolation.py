@@ -15,8 +15,7 @@ import torch
 from PIL import Image
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from transformers_vpt.tiny import build_tiny_tokenizer
-from transformers_vpt.tiny.assemble import build_tiny_qwen2_vl
+from transformers_vpt.tiny import build_tiny_qwen2_vl, build_tiny_tokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,5 @@
 """The LLaMA-Factory patches in-process on a tiny VPT checkpoint: arguments, data, labels, batches, model loading."""
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -11,17 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
+from utils import train_args
 
 import llamafactory_patches
 from llamafactory_patches import hook
 from llamafactory_patches.build_pth import PTH_LINE, PTH_NAME
 from llamafactory_patches.data import unpack_paths
 from transformers_vpt.tiny import build_tiny_tokenizer
+from transformers_vpt.tiny.sources import make_tiny
 from transformers_vpt.vocabulary import BRANCH_TOKENS, token_id
 
-ROOT = Path(__file__).resolve().parents[1]
 IGNORE_INDEX = -100
-VPT_DATASETS = "synthetic_vpt_dino_train,synthetic_vpt_sam_train,synthetic_vpt_clip_train"
 SEQLEN = {"detection_images": 4, "seg_images": 16}  # tiny DINOv2 (2x2 patches) and SAM (4x4 map, stride 1)
 
 llamafactory_patches.apply()
@@ -34,30 +33,7 @@ from llamafactory.train.test_utils import load_dataset_module, load_train_model 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("make_tiny", ROOT / "configs" / "tiny" / "make_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_tiny(tmp_path_factory.mktemp("tiny"))
-
-
-def train_args(tiny, tmp_path, **overrides) -> dict:
-    return {
-        "model_name_or_path": str(tiny["model"]),
-        "stage": "sft",
-        "do_train": True,
-        "finetuning_type": "full",
-        "dataset": VPT_DATASETS,
-        "dataset_dir": str(tiny["data"]),
-        "template": "vpt_qwen2_vl",
-        "cutoff_len": 1024,
-        "overwrite_cache": True,
-        "cache_dir": str(tmp_path / "cache"),
-        "output_dir": str(tmp_path / "out"),
-        "report_to": "none",
-        "image_max_pixels": 12544,
-        "num_inner_forward_run": 2,
-        **overrides,
-    }
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from conftest import IM_START, Sample, collate, make_model
+from utils import IM_START, TOKEN_IDS, Sample, collate, image_run, make_model, turn
 from vpt_reference import reference_forward
 
 CASES = {
@@ -73,8 +72,6 @@ def test_single_pass_mode_uses_unconditioned_projection():
 def test_alignment_batch_without_text_image():
     """Alignment records have only a <detection_image>: no Qwen image at all."""
     model = make_model(("dino",), num_inner_forward_run=1)
-    from conftest import TOKEN_IDS, image_run, turn
-
     ids = turn(21, [*image_run(TOKEN_IDS["detection_image_token_id"], 4), 50]) + [IM_START, 22, 60, 341]
     input_ids = torch.tensor([ids])
     images = torch.randn(1, 3, 28, 28)

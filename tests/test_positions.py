@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import torch
-
-from conftest import IMAGE, TOKEN_IDS, Sample, collate
+from utils import IMAGE, TOKEN_IDS, Sample, collate
 
 
 def test_vpt_pads_take_consecutive_text_positions(model):

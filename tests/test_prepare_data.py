@@ -1,28 +1,18 @@
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from scripts import prepare_data as prep
+from transformers_vpt.files import write_atomic
 from transformers_vpt.regions import box_to_region_text
 from transformers_vpt.vocabulary import BRANCH_TOKENS, REENCODE_TRIGGER, REGION_TRIGGER
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "prepare_data.py"
+SCRIPT = prep.__file__
 OLD = "/root/autodl-tmp/vpt_data"
 CLIP = BRANCH_TOKENS["clip"]
-
-
-@pytest.fixture(scope="module")
-def prep():
-    spec = importlib.util.spec_from_file_location("prepare_data", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
 
 
 def chat(*contents):
@@ -100,14 +90,14 @@ def expected_record(rec, new):
     return text.replace('"depth_images"', '"clip_images"')
 
 
-def run_main(prep, released, new, out, *extra):
+def run_main(released, new, out, *extra):
     return prep.main(["--input", str(released), "--output-dir", str(out), "--image-root", f"{OLD}={new}", *extra])
 
 
-def test_full_run_reports_every_problem_and_keeps_every_record(prep, dataset, capsys):
+def test_full_run_reports_every_problem_and_keeps_every_record(dataset, capsys):
     released, new, out = dataset
     report = out / "report.json"
-    assert run_main(prep, released, new, out, "--report", str(report)) == 1
+    assert run_main(released, new, out, "--report", str(report)) == 1
     stdout = capsys.readouterr().out
 
     expected = {key: [m.replace("{new}", str(new)) for m in messages] for key, messages in EXPECTED_PROBLEMS.items()}
@@ -135,25 +125,25 @@ def test_full_run_reports_every_problem_and_keeps_every_record(prep, dataset, ca
     assert sorted(p.name for p in out.iterdir()) == ["CLIP_action_train.json", "GQA_region_train.json", "report.json"]
 
 
-def test_clean_data_exits_zero(prep, dataset, capsys):
+def test_clean_data_exits_zero(dataset, capsys):
     released, new, out = dataset
     (released / "GQA_region_train.json").write_text(json.dumps([GOOD_REGION]))
     (released / "CLIP_action_train.json").write_text(json.dumps(CLIP_RECORDS[:2]))
-    assert run_main(prep, released, new, out) == 0
+    assert run_main(released, new, out) == 0
     stdout = capsys.readouterr().out
     assert "No problems found." in stdout
     assert stdout.splitlines()[-2].split() == ["total", "3", "0", "all", "written"]
 
 
-def test_no_check_files_skips_file_checks(prep, dataset, capsys):
+def test_no_check_files_skips_file_checks(dataset, capsys):
     released, new, out = dataset
-    assert run_main(prep, released / "GQA_region_train.json", new, out, "--no-check-files") == 1
+    assert run_main(released / "GQA_region_train.json", new, out, "--no-check-files") == 1
     stdout = capsys.readouterr().out
     assert "missing image file" not in stdout and "lies outside" not in stdout
     assert "3 <image> placeholders but 2 images" in stdout
 
 
-def test_conflicting_depth_and_clip_images_are_reported_and_kept(prep, dataset, capsys):
+def test_conflicting_depth_and_clip_images_are_reported_and_kept(dataset, capsys):
     released, new, out = dataset
     rec = dict(CLIP_RECORDS[0], clip_images=[f"{OLD}/gqa/dog.jpg"])
     (released / "CLIP_action_train.json").write_text(json.dumps([rec]))
@@ -165,35 +155,38 @@ def test_conflicting_depth_and_clip_images_are_reported_and_kept(prep, dataset, 
     assert json.loads((out / "CLIP_action_train.json").read_text()) == [rec]
 
 
-def test_output_is_replaced_atomically(prep, dataset, monkeypatch):
+def test_output_is_replaced_atomically(dataset, monkeypatch):
     released, new, out = dataset
     out.mkdir()
     target = out / "GQA_region_train.json"
     target.write_text("old contents")
 
-    def broken_dump(data, f, **kwargs):
-        f.write("[{")
-        raise RuntimeError("disk full")
+    def broken_write_json(path, data, indent=1):
+        def write(file):
+            file.write(b"[{")
+            raise RuntimeError("disk full")
 
-    monkeypatch.setattr(prep.json, "dump", broken_dump)
+        write_atomic(path, write)
+
+    monkeypatch.setattr(prep, "write_json", broken_write_json)
     with pytest.raises(RuntimeError):
-        run_main(prep, released / "GQA_region_train.json", new, out, "--debug")
+        run_main(released / "GQA_region_train.json", new, out, "--debug")
     assert target.read_text() == "old contents"
-    assert run_main(prep, released / "GQA_region_train.json", new, out) == 2  # one line, see the CLI test
+    assert run_main(released / "GQA_region_train.json", new, out) == 2  # one line, see the CLI test
     assert target.read_text() == "old contents"
     assert [p.name for p in out.iterdir()] == [target.name]
 
     monkeypatch.undo()
-    run_main(prep, released / "GQA_region_train.json", new, out)
+    run_main(released / "GQA_region_train.json", new, out)
     assert len(json.loads(target.read_text())) == len(GQA)
     assert [p.name for p in out.iterdir()] == [target.name]
 
 
-def test_unreadable_input_is_reported_and_not_written(prep, dataset, capsys):
+def test_unreadable_input_is_reported_and_not_written(dataset, capsys):
     released, new, out = dataset
     (released / "dataset_info.json").write_text('{"vpt": {}}')
     (released / "broken.json").write_text("[{")
-    assert run_main(prep, released, new, out, "--no-check-files") == 1
+    assert run_main(released, new, out, "--no-check-files") == 1
     stdout = capsys.readouterr().out
     assert "dataset_info.json: not a JSON list of records; not written" in stdout
     assert "broken.json: cannot read JSON" in stdout
@@ -206,7 +199,7 @@ def test_unreadable_input_is_reported_and_not_written(prep, dataset, capsys):
     assert "Not written (cannot be read as a JSON list of records): broken.json, dataset_info.json." in stdout
 
 
-def test_only_unreadable_input_still_exits_nonzero(prep, tmp_path, capsys):
+def test_only_unreadable_input_still_exits_nonzero(tmp_path, capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "empty.json").write_bytes(b"\xff\xfe not utf-8")
     assert prep.main(["--input", str(tmp_path / "in"), "--output-dir", str(tmp_path / "out")]) == 1
@@ -227,14 +220,14 @@ def test_only_unreadable_input_still_exits_nonzero(prep, tmp_path, capsys):
         ["--output-dir", "{out}"],
     ],
 )
-def test_usage_errors_exit_2(prep, dataset, args):
+def test_usage_errors_exit_2(dataset, args):
     released, _, out = dataset
     with pytest.raises(SystemExit) as exit_info:
         prep.main([a.format(released=released, out=out) for a in args])
     assert exit_info.value.code == 2
 
 
-def test_path_rewriter(prep):
+def test_path_rewriter():
     rewrite = prep.PathRewriter.from_args(["/data=/mnt/d", "/data/gqa/=/fast/gqa", "rel_root"])
     assert rewrite("/data/coco/a.jpg") == "/mnt/d/coco/a.jpg"
     assert rewrite("/data/gqa/a.jpg_1,2,30,40") == "/fast/gqa/a.jpg_1,2,30,40"
@@ -246,7 +239,7 @@ def test_path_rewriter(prep):
     assert prep.PathRewriter.from_args([])("x/a.jpg") == "x/a.jpg"
 
 
-def test_help(prep, capsys):
+def test_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         prep.main(["--help"])
     assert exit_info.value.code == 0
@@ -264,13 +257,13 @@ def test_script_runs_as_a_subprocess(dataset):
     assert sorted(p.name for p in out.iterdir()) == ["CLIP_action_train.json", "GQA_region_train.json"]
 
 
-def test_decompression_bomb_is_a_problem_of_its_records(prep, dataset, monkeypatch, capsys):
+def test_decompression_bomb_is_a_problem_of_its_records(dataset, monkeypatch, capsys):
     """An image over PIL's pixel limit is reported for every record that uses it; the run goes on."""
     released, new, out = dataset
     (released / "GQA_region_train.json").write_text(json.dumps([GOOD_REGION, CLIP_RECORDS[1]]))
     (released / "CLIP_action_train.json").unlink()
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # dog.jpg (800x400) is a bomb, cat.png (64x48) is not
-    assert run_main(prep, released, new, out) == 1
+    assert run_main(released, new, out) == 1
     stdout = capsys.readouterr().out
     for i in (0, 1):
         assert f"GQA_region_train.json[0]: images[{i}]: image {new}/gqa/dog.jpg is too large to decode safely" in stdout
@@ -279,17 +272,17 @@ def test_decompression_bomb_is_a_problem_of_its_records(prep, dataset, monkeypat
     assert len(json.loads((out / "GQA_region_train.json").read_text())) == 2
 
 
-def test_unreadable_image_is_a_problem_of_its_record(prep, dataset, capsys):
+def test_unreadable_image_is_a_problem_of_its_record(dataset, capsys):
     released, new, out = dataset
     (new / "gqa" / "dog.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     (released / "CLIP_action_train.json").unlink()
-    assert run_main(prep, released, new, out) == 1
+    assert run_main(released, new, out) == 1
     stdout = capsys.readouterr().out
     assert f"GQA_region_train.json[0]: images[0]: cannot read image {new}/gqa/dog.jpg" in stdout
     assert "GQA_region_train.json[3]: images[0]: missing image file" in stdout
 
 
-def test_crop_boxes_are_checked_in_viewer_pixels(prep, tmp_path, capsys):
+def test_crop_boxes_are_checked_in_viewer_pixels(tmp_path, capsys):
     """A JPEG stored 40x80 with EXIF orientation 6 (rotate 90) is 80x40 on screen, where crop boxes live."""
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -304,12 +297,12 @@ def test_crop_boxes_are_checked_in_viewer_pixels(prep, tmp_path, capsys):
     assert problems == [f"in.json[0]: images[2]: crop box (0, 0, 30, 70) lies outside the 80x40 image {path}"]
 
 
-def test_failures_are_one_line_and_exit_2(prep, dataset, capsys):
+def test_failures_are_one_line_and_exit_2(dataset, capsys):
     released, new, out = dataset
     out.write_text("a file where the output folder should be")
-    assert run_main(prep, released, new, out) == 2
+    assert run_main(released, new, out) == 2
     stderr = capsys.readouterr().err
     assert stderr.count("\n") == 1 and stderr.startswith("prepare_data.py: error: ")
     assert "File exists" in stderr and "Traceback" not in stderr
     with pytest.raises(FileExistsError):
-        run_main(prep, released, new, out, "--debug")
+        run_main(released, new, out, "--debug")

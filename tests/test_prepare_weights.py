@@ -1,8 +1,5 @@
-"""scripts/prepare_weights.py on tiny local Qwen2-VL, DINOv2 and SAM models (safetensors and .bin)."""
-
-import importlib.util
-import sys
-from pathlib import Path
+"""transformers_vpt.weights and scripts/prepare_weights.py on tiny local Qwen2-VL, DINOv2 and SAM models
+(safetensors and .bin)."""
 
 import pytest
 import torch
@@ -15,27 +12,16 @@ from transformers import (
     SamModel,
 )
 
+from scripts import prepare_weights as prepare_cli
 from transformers_vpt import VPT_Qwen2VLForConditionalGeneration, VPT_Qwen2VLProcessor
+from transformers_vpt.tiny.sources import build_sources
 from transformers_vpt.vocabulary import BRANCH_TOKENS, REGION_TOKENS, token_id
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_module(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-prepare = load_module(ROOT / "scripts" / "prepare_weights.py")
-make_tiny = load_module(ROOT / "configs" / "tiny" / "make_tiny.py")
+from transformers_vpt.weights import prepare_weights
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["safetensors", "bin"])
 def sources(request, tmp_path_factory):
-    dirs = make_tiny.build_sources(tmp_path_factory.mktemp("sources"), safe_serialization=request.param)
+    dirs = build_sources(tmp_path_factory.mktemp("sources"), safe_serialization=request.param)
     weights = "model.safetensors" if request.param else "pytorch_model.bin"
     assert all((directory / weights).is_file() for directory in dirs.values())
     return dirs
@@ -47,7 +33,7 @@ def assert_same(actual: dict, expected: dict, prefix: str = "") -> None:
 
 
 def test_all_branches(sources, tmp_path):
-    prepare.main([
+    prepare_cli.main([
         "--qwen2-vl", str(sources["qwen2_vl"]), "--dino", str(sources["dino"]), "--sam", str(sources["sam"]),
         "--vision-encoder-ls", "dino,sam,clip", "--seg-projector-stride", "1", "--output-dir", str(tmp_path),
     ])
@@ -77,7 +63,7 @@ def test_all_branches(sources, tmp_path):
 
 
 def test_processor_reads_encoder_preprocessing(sources, tmp_path):
-    prepare.prepare_weights(
+    prepare_weights(
         sources["qwen2_vl"], tmp_path, "dino,sam", dino=sources["dino"], sam=sources["sam"], seg_projector_stride=1
     )
     processor = AutoProcessor.from_pretrained(tmp_path)
@@ -93,14 +79,14 @@ def test_defaults_without_preprocessor_config(sources, tmp_path):
     for name in ("config.json", "model.safetensors", "pytorch_model.bin"):
         if (sources["dino"] / name).is_file():
             (dino / name).write_bytes((sources["dino"] / name).read_bytes())
-    prepare.prepare_weights(sources["qwen2_vl"], tmp_path / "out", ["dino"], dino=dino)
+    prepare_weights(sources["qwen2_vl"], tmp_path / "out", ["dino"], dino=dino)
     processor = AutoProcessor.from_pretrained(tmp_path / "out")
     assert processor.detection_processor_config["crop_size"] == {"height": 224, "width": 224}
     assert processor.detection_image_seqlen == (224 // 14) ** 2
 
 
 def test_clip_needs_no_encoder_and_dino_needs_its_directory(sources, tmp_path):
-    model = prepare.prepare_weights(sources["qwen2_vl"], tmp_path, "clip")
+    model = prepare_weights(sources["qwen2_vl"], tmp_path, "clip")
     assert not hasattr(model, "detection_model") and hasattr(model, "clip_projector")
     with pytest.raises(ValueError, match="needs the local directory"):
-        prepare.prepare_weights(sources["qwen2_vl"], tmp_path, "dino")
+        prepare_weights(sources["qwen2_vl"], tmp_path, "dino")

@@ -14,9 +14,23 @@ import logging
 
 import pytest
 from PIL import Image
-from test_evaluation import config, draw, load, read_jsonl, region_record, scripted
-from test_judge import FakeOpenAI
-from test_pipeline import BOX_A, BOX_B, MAX_SIDE, SPAN_A, SPAN_B, expected_round2, make_image, scripted_kwargs
+from utils import (
+    BOX_A,
+    BOX_B,
+    MAX_SIDE,
+    SPAN_A,
+    SPAN_B,
+    FakeOpenAI,
+    draw,
+    eval_config,
+    expected_round2,
+    load,
+    make_image,
+    read_jsonl,
+    region_record,
+    scripted,
+    scripted_kwargs,
+)
 
 from evaluation import evaluation as ev
 from evaluation.scoring import region_hit
@@ -203,12 +217,8 @@ def split(tmp_path_factory):
 
 @pytest.fixture
 def judge_server():
-    server = FakeOpenAI()
-    server.script = lambda body: (200, "Score: 100")  # strict: unscored; upstream: 100.0
-    server.thread.start()
-    yield server
-    server.httpd.shutdown()
-    server.httpd.server_close()
+    with FakeOpenAI(lambda body: (200, "Score: 100")) as server:  # strict: unscored; upstream: 100.0
+        yield server
 
 
 def test_released_evaluation_drops_a_failed_crop_and_checks_the_protocol(split, vpt, tmp_path, judge_server):
@@ -216,7 +226,7 @@ def test_released_evaluation_drops_a_failed_crop_and_checks_the_protocol(split, 
     model_dir, processor = vpt
     out = tmp_path / "out"
     judge = ["--judge-base-url", judge_server.url]
-    released = config(data_dir, out, model_dir, extra=["--protocol", "released", *judge])
+    released = eval_config(data_dir, out, model_dir, extra=["--protocol", "released", *judge])
     results, _ = ev.evaluate(released, scripted(processor, scripts))
 
     folder = out / "vpt" / DATASET
@@ -242,20 +252,21 @@ def test_released_evaluation_drops_a_failed_crop_and_checks_the_protocol(split, 
     again, _ = ev.evaluate(released, scripted(processor, scripts))
     assert again == results and len(read_jsonl(folder / "answers.jsonl")) == 4
     # An explicit judge rule wins over the protocol's default; the replies are cached.
-    strict = config(data_dir, out, model_dir, extra=["--protocol", "released", *judge, "--judge-score-rule", "strict"])
+    strict_rule = ["--protocol", "released", *judge, "--judge-score-rule", "strict"]
+    strict = eval_config(data_dir, out, model_dir, extra=strict_rule)
     rescored, _ = ev.evaluate(strict, scripted(processor, scripts))
     assert rescored["vpt"][DATASET]["judge"]["score_rule"] == "strict"
     assert rescored["vpt"][DATASET]["judge"]["unscored"] == 3
     # The protocol changes answers, so it is part of the settings a rerun is checked against.
     with pytest.raises(ev.ConfigError, match=r"other settings \(protocol\)"):
-        ev.evaluate(config(data_dir, out, model_dir), scripted(processor, scripts))
+        ev.evaluate(eval_config(data_dir, out, model_dir), scripted(processor, scripts))
 
 
 def test_project_evaluation_and_settings_from_before_the_protocol(split, vpt, tmp_path):
     data_dir, scripts = split
     model_dir, processor = vpt
     out = tmp_path / "out"
-    results, _ = ev.evaluate(config(data_dir, out, model_dir), scripted(processor, scripts))
+    results, _ = ev.evaluate(eval_config(data_dir, out, model_dir), scripted(processor, scripts))
     folder = out / "vpt" / DATASET
     final = load(folder / "final_answers.json")
     assert [row["action"] for row in final] == [project for _, project, _ in RECORDS]
@@ -267,11 +278,12 @@ def test_project_evaluation_and_settings_from_before_the_protocol(split, vpt, tm
     settings = load(folder / "settings.json")
     del settings["protocol"]
     (folder / "settings.json").write_text(json.dumps(settings))
-    again, _ = ev.evaluate(config(data_dir, out, model_dir), scripted(processor, scripts))
+    again, _ = ev.evaluate(eval_config(data_dir, out, model_dir), scripted(processor, scripts))
     assert again == results
     assert "protocol" not in load(folder / "settings.json")  # nothing was answered, so the file was not rewritten
+    released = eval_config(data_dir, out, model_dir, extra=["--protocol", "released"])
     with pytest.raises(ev.ConfigError, match=r"other settings \(protocol\)"):
-        ev.evaluate(config(data_dir, out, model_dir, extra=["--protocol", "released"]), scripted(processor, scripts))
+        ev.evaluate(released, scripted(processor, scripts))
 
 
 def test_protocol_option_and_judge_rule_default(tmp_path):

@@ -7,7 +7,9 @@ from PIL import Image
 
 from transformers_vpt.regions import (
     RegionSpan,
+    box_to_cells,
     box_to_region_text,
+    cell_edges,
     crop_regions,
     join_crop_path,
     open_image,
@@ -165,6 +167,29 @@ def test_box_is_inside_the_image_non_empty_and_covers_the_cells(grid_and_cells, 
     if min(size) >= grid_size:  # smaller images get the one-pixel fallback, which need not contain the margin-0 box
         bx0, by0, bx1, by1 = region_to_box(region, size, grid_size, 0)
         assert x0 <= bx0 and y0 <= by0 and bx1 <= x1 and by1 <= y1
+
+
+def test_crop_box_rule():
+    # Margin of one cell, clamped to the image, pixel edges truncated (the synthetic data's crops).
+    assert region_to_box(RegionSpan.from_bounds((3, 5, 3, 5)), (448, 448), 8) == (112, 224, 280, 392)
+    assert region_to_box(RegionSpan.from_bounds((0, 0, 7, 7)), (448, 448), 8) == (0, 0, 448, 448)
+    assert region_to_box(RegionSpan.from_bounds((2, 2, 2, 2)), (450, 450), 8) == (56, 56, 225, 225)
+    assert box_to_cells((56, 0, 113, 10), (448, 448), 8) == (1, 0, 2, 0)
+    assert RegionSpan.from_bounds((1, 2, 3, 4)).bounds == (1, 2, 3, 4)
+    with pytest.raises(ValueError, match="not inside"):
+        box_to_cells((0, 0, 449, 10), (448, 448), 8)
+
+
+@given(
+    st.integers(1, 16).flatmap(lambda g: st.tuples(st.just(g), cell_bounds(g))),
+    st.tuples(st.integers(16, 5000), st.integers(16, 5000)),  # at least one pixel per cell
+)
+def test_the_cells_of_a_cell_box_are_that_box(grid_and_cells, size):
+    """`box_to_cells` inverts the cell edges: the pixels of a cell box (margin 0) touch exactly its cells."""
+    grid_size, cells = grid_and_cells
+    box = region_to_box(RegionSpan.from_bounds(cells), size, grid_size, margin=0)
+    assert box_to_cells(box, size, grid_size) == cells
+    assert cell_edges(size[0], grid_size)[cells[0]] == box[0] and cell_edges(size[1], grid_size)[cells[3] + 1] == box[3]
 
 
 def test_box_rejects_bad_parameters():

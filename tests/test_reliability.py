@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_pipeline import SPAN_A, make_image, scripted_kwargs
-from test_prepare_weights import make_tiny, prepare
+from utils import SPAN_A, make_image, script_pipeline_runs, spy_generate
 
+from scripts import prepare_weights as prepare
 from transformers_vpt.cli import main as cli
 from transformers_vpt.errors import VPTUserError, run_cli
 from transformers_vpt.images import ImageLoadError, image_size, load_image
@@ -25,6 +25,7 @@ from transformers_vpt.pipeline import (
 )
 from transformers_vpt.regions import open_image
 from transformers_vpt.tiny.assemble import build_tiny_vpt
+from transformers_vpt.tiny.sources import build_sources
 from transformers_vpt.vocabulary import (
     BRANCH_TOKENS,
     IMAGE_PAD,
@@ -44,7 +45,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    return make_tiny.build_sources(tmp_path_factory.mktemp("sources"))
+    return build_sources(tmp_path_factory.mktemp("sources"))
 
 
 def rotated_jpeg(path: Path, stored=(320, 240)) -> Image.Image:
@@ -62,18 +63,6 @@ def vpt_control_ids(tokenizer) -> set[int]:
     for branch in BRANCH_TOKENS.values():
         strings += [branch.image_pad, branch.action_start, branch.action, branch.action_end]
     return {tokenizer.convert_tokens_to_ids(s) for s in strings}
-
-
-def spy_generate(pipeline, monkeypatch) -> list[dict]:
-    calls = []
-    generate = pipeline.model.generate
-
-    def spy(**kwargs):
-        calls.append(kwargs)
-        return generate(**kwargs)
-
-    monkeypatch.setattr(pipeline.model, "generate", spy)
-    return calls
 
 
 # --- one image loader -------------------------------------------------------------------------------------------
@@ -96,13 +85,7 @@ def test_region_boxes_and_drawing_are_in_viewer_pixels(tiny, tmp_path, monkeypat
     directory, _ = tiny
     path = tmp_path / "rotated.jpg"
     rotated_jpeg(path)
-    run = VPTPipeline.run
-
-    def scripted_run(self, user_texts, images, **kwargs):
-        kwargs["generation_kwargs"] = scripted_kwargs(self.processor, {"What?": SPAN_A})
-        return run(self, user_texts, images, **kwargs)
-
-    monkeypatch.setattr(VPTPipeline, "run", scripted_run)
+    script_pipeline_runs(monkeypatch, {"What?": SPAN_A})
     out = tmp_path / "boxes.png"
     argv = ["infer", "--model", str(directory), "--image", str(path), "--question", "What?", "--device", "cpu"]
     assert cli([*argv, "--save-boxes", str(out)]) == 0
@@ -173,7 +156,7 @@ def test_control_strings_in_a_question_stay_text(tiny, monkeypatch):
         f"<|image_pad|> <image> <detection_image> {VISION_START}"
     )
     (result,) = pipeline([make_image(size=(56, 56))], [hostile], mode="free", generation_kwargs={"max_new_tokens": 2})
-    ids = calls[0]["input_ids"][0].tolist()
+    ids = calls[0][0]["input_ids"][0].tolist()
     assert not vpt_control_ids(tokenizer) - {tokenizer.convert_tokens_to_ids(IMAGE_PAD)} & set(ids)
     assert ids.count(tokenizer.convert_tokens_to_ids(IMAGE_PAD)) == 4  # the one real image: 56x56 -> 4 tokens
     assert ids.count(tokenizer.convert_tokens_to_ids(VISION_START)) == 1
@@ -187,7 +170,7 @@ def test_dataset_turns_keep_their_placeholders(tiny, monkeypatch):
     calls = spy_generate(pipeline, monkeypatch)
     turn = build_user_text("Colour?", "free", literal=False)
     pipeline.run([turn], [make_image(size=(56, 56))], generation_kwargs={"max_new_tokens": 1})
-    assert calls[0]["input_ids"][0].tolist().count(tokenizer.convert_tokens_to_ids(IMAGE_PAD)) == 4
+    assert calls[0][0]["input_ids"][0].tolist().count(tokenizer.convert_tokens_to_ids(IMAGE_PAD)) == 4
     assert build_user_text("a <|x_1|>", literal=False) != build_user_text("a <|x_1|>")
     assert build_user_text("plain question?") == build_user_text("plain question?", literal=False)
 
@@ -201,7 +184,7 @@ def test_max_image_side_zero_means_no_cap(tiny, monkeypatch):
     image = make_image(size=(112, 56))
     for side in (0, None):
         pipeline([image], ["Q?"], mode="free", max_image_side=side, generation_kwargs={"max_new_tokens": 1})
-    assert [call["image_grid_thw"].tolist() for call in calls] == [[[1, 4, 8]], [[1, 4, 8]]]
+    assert [kwargs["image_grid_thw"].tolist() for kwargs, _ in calls] == [[[1, 4, 8]], [[1, 4, 8]]]
     for bad in (-1, 1.5, "512"):
         with pytest.raises(ValueError, match="max_image_side"):
             pipeline([image], ["Q?"], max_image_side=bad)
@@ -365,13 +348,7 @@ def test_infer_protocol_released_reports_a_dropped_record(tiny, tmp_path, monkey
     image = tmp_path / "image.png"
     make_image(size=(64, 48)).save(image)
     x_only = "<|region_token_start|><|x_1|><|region_token_end|>"
-    run = VPTPipeline.run
-
-    def scripted_run(self, user_texts, images, **kwargs):
-        kwargs["generation_kwargs"] = scripted_kwargs(self.processor, {"Q?": x_only})
-        return run(self, user_texts, images, **kwargs)
-
-    monkeypatch.setattr(VPTPipeline, "run", scripted_run)
+    script_pipeline_runs(monkeypatch, {"Q?": x_only})
     assert cli(infer(directory, image)) == 0
     assert "Action: none" in capsys.readouterr().out  # the project skips a span without y indices
     assert cli(infer(directory, image, "--protocol", "released")) == 0

@@ -1,19 +1,15 @@
-import importlib.util
+"""transformers_vpt.tiny.synthetic and scripts/make_synthetic_data.py: the synthetic dataset, its records and crops."""
+
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from transformers_vpt.vocabulary import BRANCH_TOKENS, REENCODE_TRIGGER, REGION_TRIGGER
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_synthetic_data.py"
-_spec = importlib.util.spec_from_file_location("make_synthetic_data", SCRIPT)
-synth = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = synth
-_spec.loader.exec_module(synth)
+from scripts import make_synthetic_data
+from transformers_vpt.regions import cell_edges
+from transformers_vpt.tiny import synthetic as synth
+from transformers_vpt.vocabulary import BRANCH_TOKENS, GRID_SIZE, REENCODE_TRIGGER, REGION_TRIGGER
 
 OPTIONS = {"seed": 3, "train_size": 40, "test_size": 12, "alignment_size": 48, "image_size": 224, "distractors": 5}
 LIST_KEYS = ("images", "detection_images", "seg_images", "clip_images")
@@ -58,7 +54,7 @@ def test_dataset_info_points_at_files(out):
     assert set(info) == set(summary["datasets"])
     for name, entry in info.items():
         assert (out_dir / entry["file_name"]).is_file()
-        assert entry["formatting"] == "sharegpt"
+        assert entry["formatting"] == "vpt_sharegpt"
         assert entry["columns"] == {k: k for k in ("messages", *LIST_KEYS)}
         assert entry["tags"] == {
             "role_tag": "role",
@@ -131,7 +127,7 @@ def test_answers_in_closed_set(out):
 def test_region_tokens_and_crops_contain_target(out):
     out_dir, _ = out
     meta = json.loads((out_dir / "synthetic_meta.json").read_text())
-    size, grid = OPTIONS["image_size"], synth.GRID_SIZE
+    size, grid = OPTIONS["image_size"], GRID_SIZE
     records = load_all(out_dir)["synthetic_region_test"]
     assert len(records) == len(meta["targets"]) == OPTIONS["test_size"]
     for record in records:
@@ -142,7 +138,7 @@ def test_region_tokens_and_crops_contain_target(out):
         assert list(cells) == target["cells"]
 
         x0, y0, x1, y1 = target["box"]
-        cell_px = synth.cell_edges(size, grid)
+        cell_px = cell_edges(size, grid)
         assert cell_px[cells[0]] <= x0 and x1 <= cell_px[cells[2] + 1]
         assert cell_px[cells[1]] <= y0 and y1 <= cell_px[cells[3] + 1]
 
@@ -157,14 +153,6 @@ def test_region_tokens_and_crops_contain_target(out):
         full_count = sum(1 for px in image.getdata() if px == color)
         assert full_count > 0
         assert sum(1 for px in crop.getdata() if px == color) == full_count
-
-
-def test_crop_box_rule():
-    # Margin of one cell, clamped to the image, pixel edges truncated.
-    assert synth.crop_box((3, 5, 3, 5), 448, 8) == (112, 224, 280, 392)
-    assert synth.crop_box((0, 0, 7, 7), 448, 8) == (0, 0, 448, 448)
-    assert synth.crop_box((2, 2, 2, 2), 450, 8) == (56, 56, 225, 225)
-    assert synth.cell_box((56, 0, 113, 10), 448, 8) == (1, 0, 2, 0)
 
 
 def test_alignment_records_describe_scene(out):
@@ -190,6 +178,6 @@ def test_invalid_options():
 
 
 def test_cli(tmp_path):
-    synth.main(["--out-dir", str(tmp_path), "--train-size", "6", "--test-size", "2", "--alignment-size", "3"])
+    make_synthetic_data.main(["--out-dir", str(tmp_path), "--train-size", "6", "--test-size", "2", "--alignment-size", "3"])
     assert len(json.loads((tmp_path / "synthetic_vpt_clip_train.json").read_text())) == 6
     assert len(json.loads((tmp_path / "synthetic_alignment_seg_train.json").read_text())) == 3

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_llamafactory_patches import train_args as patches_train_args
-from test_prepare_weights import make_tiny
+from utils import train_args as tiny_train_args
 
 import llamafactory_patches
 from llamafactory_patches.records import SOURCES, batch_error
@@ -17,6 +16,7 @@ from transformers_vpt import VPT_Qwen2VLForConditionalGeneration
 from transformers_vpt.errors import VPTUserError
 from transformers_vpt.records import record_problems
 from transformers_vpt.regions import box_to_region_text
+from transformers_vpt.tiny.sources import make_tiny
 from transformers_vpt.vocabulary import BRANCH_TOKENS, REENCODE_TRIGGER, REGION_TRIGGER
 
 DINO, SAM, CLIP = (BRANCH_TOKENS[kind] for kind in ("dino", "sam", "clip"))
@@ -120,7 +120,7 @@ def test_paths_and_structure():
 # ------------------------------------------------------------------------------------------------ data path
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return make_tiny.make_tiny(tmp_path_factory.mktemp("tiny"))
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 def dataset_dir(tiny, directory: Path, records: list, name="vpt_train") -> Path:
@@ -132,8 +132,8 @@ def dataset_dir(tiny, directory: Path, records: list, name="vpt_train") -> Path:
 
 
 def train_args(tiny, tmp_path, **overrides) -> dict:
-    """The patches tests' tiny run, on the dataset written by `dataset_dir` into ``tmp_path``."""
-    return patches_train_args(
+    """The tiny run of `utils.train_args`, on the dataset written by `dataset_dir` into ``tmp_path``."""
+    return tiny_train_args(
         tiny, tmp_path, dataset="vpt_train", dataset_dir=str(tmp_path), media_dir=str(tiny["data"]), **overrides
     )
 

@@ -1,10 +1,10 @@
 """The tiny recipes of configs/tiny run end to end through plain `llamafactory-cli` (and `vpt-cli`), on CPU.
 
 Every run is a subprocess in a scratch directory laid out like the repository (`outputs/tiny/...`), so the recipes
-are used exactly as written; the patches come from the installed import hook (or from `vpt-cli`).
+are used exactly as written; the patches come from the installed import hook (or from `vpt-cli`). Those runs take
+10 to 60 s each on 2 CPU cores: they are marked ``slow``.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from transformers_vpt import VPT_Qwen2VLForConditionalGeneration, VPT_Qwen2VLProcessor
+from transformers_vpt.tiny.sources import make_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "configs" / "tiny"
@@ -29,11 +30,8 @@ PROJECTORS = ("detection_projector.", "seg_projector.", "clip_projector.")
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("make_tiny", RECIPES / "make_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     directory = tmp_path_factory.mktemp("runs")
-    module.make_tiny(directory / "outputs" / "tiny")
+    make_tiny(directory / "outputs" / "tiny")
     return directory
 
 
@@ -62,6 +60,7 @@ def losses(output_dir: Path) -> list[float]:
     return [entry["loss"] for entry in log if "loss" in entry]
 
 
+@pytest.mark.slow
 def test_alignment_trains_only_the_projectors(workdir):
     llamafactory(workdir, "train", "alignment.yaml")
     before = load_file(workdir / "outputs/tiny/vpt-init/model.safetensors")
@@ -73,6 +72,7 @@ def test_alignment_trains_only_the_projectors(workdir):
     assert any(key.startswith("seg_projector.") for key in changed)
 
 
+@pytest.mark.slow
 def test_instruction_loss_decreases_and_checkpoints_keep_the_processor(workdir):
     llamafactory(workdir, "train", "instruction.yaml")
     output_dir = workdir / "outputs/tiny/runs/instruction"
@@ -87,6 +87,7 @@ def test_instruction_loss_decreases_and_checkpoints_keep_the_processor(workdir):
     assert (config["num_inner_forward_run"], config["para_mask_id"], config["para_mask_ratio"]) == (2, 1, 0.5)
 
 
+@pytest.mark.slow
 def test_a_bad_record_stops_the_run_before_any_step(workdir):
     data = workdir / "outputs/tiny/data"
     records = json.loads((data / "synthetic_vpt_dino_train.json").read_text())
@@ -106,6 +107,7 @@ def test_a_bad_record_stops_the_run_before_any_step(workdir):
     assert not (workdir / "outputs/tiny/runs/bad/trainer_log.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_without_find_unused_parameters(workdir):
     overrides = ("output_dir=outputs/tiny/runs/ddp", "per_device_train_batch_size=1", "max_steps=4",
                  "save_steps=100", "ddp_find_unused_parameters=false")
@@ -127,6 +129,7 @@ runpy.run_path({str(ROOT / "llamafactory_patches" / "launch.py")!r}, run_name="_
 """
 
 
+@pytest.mark.slow
 def test_deepspeed_zero3_two_processes_whose_micro_batches_differ(workdir):
     data = workdir / "outputs/tiny/data"
     records = json.loads((data / "synthetic_vpt_dino_train.json").read_text())
@@ -161,6 +164,7 @@ def exported(workdir):
     return workdir / "outputs/tiny/exported"
 
 
+@pytest.mark.slow
 def test_lora_export_merges_into_a_vpt_checkpoint(workdir, exported):
     model = AutoModelForImageTextToText.from_pretrained(exported)
     assert type(model) is VPT_Qwen2VLForConditionalGeneration and model.config.num_inner_forward_run == 2
@@ -174,6 +178,7 @@ def test_lora_export_merges_into_a_vpt_checkpoint(workdir, exported):
     assert not any(key.startswith(("visual.", "detection_model.", "seg_model.")) for key in changed)
 
 
+@pytest.mark.slow
 def test_predict_writes_generated_predictions(workdir, exported):
     llamafactory(workdir, "train", "predict.yaml")
     lines = (workdir / "outputs/tiny/runs/predict/generated_predictions.jsonl").read_text().splitlines()
@@ -197,6 +202,7 @@ def test_vpt_cli_points_torchrun_at_its_rank_script(monkeypatch):
     assert commands[0][0] == "torchrun" and commands[0][-3:] == [launch.__file__, "recipe.yaml", "max_steps=1"]
 
 
+@pytest.mark.slow
 def test_vpt_cli_rank_script_applies_the_patches_without_the_hook(workdir):
     site_packages = sysconfig.get_paths()["purelib"]
     overrides = ("output_dir=outputs/tiny/runs/rank", "max_steps=1")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from conftest import Sample, collate, make_model
+from utils import Sample, collate, make_model
 from vpt_reference import reference_forward
 
 

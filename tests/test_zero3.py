@@ -7,13 +7,10 @@ call sequences of very different batches must therefore be equal, and the mode m
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from transformers.integrations.deepspeed import HfDeepSpeedConfig
-
-from conftest import Sample, collate, make_model
+from utils import Sample, collate, make_model, recorded_calls
 
 BATCHES = {
     "actions and every extra-image kind": ["dino", "sam", "clip", "region"],
@@ -30,19 +27,9 @@ def batch(kinds: list[str]) -> dict:
 
 def record_calls(model, inputs) -> tuple[list[str], list[str]]:
     """Names of the modules whose forward ran, and of those whose backward ran, in order, for one training step."""
-    forward, backward, handles = [], [], []
-    for name, module in model.named_modules():
-        handles.append(module.register_forward_hook(lambda *_, name=name: forward.append(name)))
-        handles.append(module.register_full_backward_pre_hook(lambda *_, name=name: backward.append(name)))
-    try:
+    with recorded_calls(dict(model.named_modules()), backward=True) as (forward, backward):
         model.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # modules returning ModelOutput objects get no backward hook; their layers do
-            warnings.filterwarnings("ignore", "For backward hooks to be called")
-            loss = model(**inputs).loss
-        loss.backward()
-    finally:
-        for handle in handles:
-            handle.remove()
+        model(**inputs).loss.backward()
     return forward, backward
 
 
@@ -139,11 +126,6 @@ def test_generation_decode_steps_stay_on_the_fast_path():
     model.uniform_module_calls = True
     inputs = batch(["plain"])
     inputs.pop("labels")
-    calls = []
-    handle = model.detection_model.register_forward_hook(lambda *_: calls.append("detection_model"))
-    try:
-        with torch.no_grad():
-            model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    finally:
-        handle.remove()
+    with recorded_calls({"detection_model": model.detection_model}) as (calls, _), torch.no_grad():
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert calls == ["detection_model"]  # the prefill only: decode steps run one decoder pass and nothing else

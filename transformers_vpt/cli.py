@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import VPTUserError, run_cli
+from .vocabulary import TRIGGER_MODES
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
@@ -40,7 +41,7 @@ def _add_infer(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--question", required=True, help="the question about the image")
     parser.add_argument(
         "--mode",
-        choices=("region", "reencode", "free"),
+        choices=TRIGGER_MODES,
         default="region",
         help="trigger phrase appended to the question: region selection, re-encoding, or none (default: region)",
     )
@@ -117,20 +118,17 @@ def _check_output_image(path: str, inputs: Sequence[str], overwrite: bool) -> Pa
 
 
 def _save_image(image, target: Path, overwrite: bool) -> None:
-    """Write ``image`` to a new ``target`` (to a temporary file renamed over it with ``overwrite``)."""
+    """Write ``image`` to a new ``target`` (with ``overwrite``: atomically, over an existing one)."""
     from PIL import Image
+
+    from .files import write_atomic
 
     image_format = Image.registered_extensions()[target.suffix.lower()]
     if not overwrite:
         with open(target, "xb") as file:  # fails rather than replaces a file created meanwhile
             image.save(file, format=image_format)
         return
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format=image_format)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(target, lambda file: image.save(file, format=image_format))
 
 
 def _infer(args: argparse.Namespace) -> int:

@@ -62,6 +62,7 @@ from .vocabulary import (
     IMAGE_PLACEHOLDER,
     REENCODE_TRIGGER,
     REGION_TRIGGER,
+    TRIGGER_MODES,
     literal_text,
 )
 
@@ -80,7 +81,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MODES = ("region", "reencode", "free")
+MODES = TRIGGER_MODES
 ON_ERROR = ("record", "raise")
 """What `run` does with a record whose image cannot be loaded or whose generation fails: keep going and put the
 error in that record's `VPTResult.error` (``"record"``, the default), or raise at once (``"raise"``)."""

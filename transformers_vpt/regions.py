@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
+from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -38,6 +39,8 @@ __all__ = [
     "parse_regions",
     "region_problems",
     "region_to_box",
+    "cell_edges",
+    "box_to_cells",
     "crop_regions",
     "box_to_region_text",
     "split_crop_path",
@@ -78,6 +81,12 @@ class RegionSpan:
     def bounds(self) -> Box:
         """Inclusive cell bounds ``(x_min, y_min, x_max, y_max)``."""
         return min(self.xs), min(self.ys), max(self.xs), max(self.ys)
+
+    @classmethod
+    def from_bounds(cls, cells: Box) -> RegionSpan:
+        """The region of inclusive cell bounds ``(x_min, y_min, x_max, y_max)``."""
+        x_min, y_min, x_max, y_max = cells
+        return cls(frozenset((x_min, x_max)), frozenset((y_min, y_max)))
 
 
 @dataclass(frozen=True)
@@ -207,12 +216,35 @@ def region_to_box(
     def clamp(cell: int) -> int:
         return min(max(cell, 0), grid_size - 1)
 
+    x_edges, y_edges = cell_edges(width, grid_size), cell_edges(height, grid_size)
     x_min, y_min, x_max, y_max = region.bounds
-    x0, y0 = int(clamp(x_min - margin) * width / grid_size), int(clamp(y_min - margin) * height / grid_size)
-    x1, y1 = int((clamp(x_max + margin) + 1) * width / grid_size), int((clamp(y_max + margin) + 1) * height / grid_size)
+    x0, y0 = x_edges[clamp(x_min - margin)], y_edges[clamp(y_min - margin)]
+    x1, y1 = x_edges[clamp(x_max + margin) + 1], y_edges[clamp(y_max + margin) + 1]
     if not nonempty:
         return x0, y0, x1, y1
     return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
+
+
+def cell_edges(length: int, grid_size: int = GRID_SIZE) -> list[int]:
+    """Pixel edges of the grid cells along a side of ``length`` pixels: cell c spans
+    ``[int(c * length / grid_size), int((c + 1) * length / grid_size))``, truncated as the released evaluation did."""
+    return [int(c * length / grid_size) for c in range(grid_size + 1)]
+
+
+def box_to_cells(box: Box, image_size: tuple[int, int], grid_size: int = GRID_SIZE) -> Box:
+    """Inclusive cell bounds ``(x_min, y_min, x_max, y_max)`` of the grid cells that a pixel ``box`` (x1/y1
+    exclusive) inside an image of ``(width, height)`` touches, with the cells of `cell_edges` (the crop rule's)."""
+    width, height = image_size
+    x0, y0, x1, y1 = box
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(f"Box {box} is empty or not inside a {width}x{height} image")
+    x_edges, y_edges = cell_edges(width, grid_size), cell_edges(height, grid_size)
+    return (
+        bisect_right(x_edges, x0) - 1,
+        bisect_right(y_edges, y0) - 1,
+        bisect_right(x_edges, x1 - 1) - 1,
+        bisect_right(y_edges, y1 - 1) - 1,
+    )
 
 
 def crop_regions(

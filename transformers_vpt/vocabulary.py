@@ -13,7 +13,7 @@ Two kinds of tokens are added, as the released models did:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 GRID_SIZE = 8
 
@@ -47,6 +47,8 @@ REGION_TOKENS = (REGION_START, REGION_END) + X_TOKENS + Y_TOKENS
 # Trigger phrases the released data and evaluation append to the question.
 REGION_TRIGGER = "Identify the region that can help you answer the question, and then answer the question."
 REENCODE_TRIGGER = "Require additional perception features, and then answer the question."
+TRIGGER_MODES = ("region", "reencode", "free")
+"""Round-1 trigger modes: the question gets `REGION_TRIGGER`, `REENCODE_TRIGGER`, or no trigger phrase (free)."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,30 @@ def add_vpt_tokens(tokenizer, config=None, vision_encoder_ls: Sequence[str] | No
     if config is not None:
         fill_config_token_ids(config, tokenizer)
     return added
+
+
+def init_added_token_rows(model, token_ids: Iterable[int]) -> list[int]:
+    r"""Set the input and output embedding rows of newly added tokens to the mean of the rows before them.
+
+    Qwen2-VL's matrices have spare rows (151,936 for 151,657 tokens), so added tokens take untrained padding rows
+    and no resize (or LLaMA-Factory's noisy-mean initialisation) happens; their rows would otherwise start from
+    whatever the padding rows hold. The mean of the trained rows (every row before the first added token) is a
+    neutral start for both the input embedding and the output (lm_head) row. Ids past the matrices are left to
+    the resize. Returns the ids that were initialised.
+    """
+    import torch
+
+    token_ids = sorted(set(token_ids))
+    modules = (model.get_input_embeddings(), model.get_output_embeddings())
+    matrices = {id(module.weight): module.weight for module in modules}  # tied embeddings count once
+    rows = min(weight.shape[0] for weight in matrices.values())
+    initialised = [i for i in token_ids if i < rows]
+    if initialised:
+        with torch.no_grad():
+            for weight in matrices.values():
+                weight[initialised] = weight[: token_ids[0]].float().mean(dim=0).to(weight.dtype)
+
+    return initialised
 
 
 def token_id(tokenizer, token: str) -> int | None:
