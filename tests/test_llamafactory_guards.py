@@ -12,7 +12,14 @@ import pytest
 
 import llamafactory_patches
 from llamafactory_patches import args, model, plugin, recipe
-from llamafactory_patches.guard import ANY_VERSION_ENV, TESTED_VERSION, PatchError, Private, check_private, check_version
+from llamafactory_patches.guard import (
+    ANY_VERSION_ENV,
+    TESTED_VERSION,
+    PatchError,
+    Private,
+    check_private,
+    check_version,
+)
 
 llamafactory_patches.apply()
 
@@ -75,6 +82,7 @@ def test_template_is_registered_as_qwen2_vl_with_the_released_labels():
 
 def test_formattings_are_registered_and_stock_converters_untouched():
     from llamafactory.data.converter import AlpacaDatasetConverter, OpenAIDatasetConverter, SharegptDatasetConverter
+
     from llamafactory_patches.data import VPT_CONVERTERS, stock_formatting, vpt_formatting
 
     stock = {"alpaca": AlpacaDatasetConverter, "sharegpt": SharegptDatasetConverter, "openai": OpenAIDatasetConverter}

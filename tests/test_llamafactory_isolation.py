@@ -3,7 +3,6 @@ the `qwen` template, a tiny plain Qwen2-VL with the stock `qwen2_vl` template; f
 bit-identical per-step losses and final weights with the patches applied by the `.pth` hook and with the hook
 switched off (``VPT_LLAMAFACTORY_PATCH=0``)."""
 
-import hashlib
 import json
 import os
 import subprocess

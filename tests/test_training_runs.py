@@ -120,12 +120,12 @@ def test_ddp_two_processes_without_find_unused_parameters(workdir):
 # A torchrun rank script: DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce kernel at start-up
 # (two minutes on two cores, once per machine) that only its inference all-reduce uses; training collectives go
 # through gloo either way. The rank then runs `vpt-cli`'s rank script (what `llamafactory-cli` ranks run, patched).
-ZERO3_RANK = f"""
+ZERO3_RANK = """
 import runpy
 import deepspeed.comm.torch
 
 deepspeed.comm.torch.build_shm_op = lambda: None
-runpy.run_path({str(ROOT / "llamafactory_patches" / "launch.py")!r}, run_name="__main__")
+runpy.run_module("llamafactory_patches.launch", run_name="__main__", alter_sys=True)
 """
 
 
