@@ -28,7 +28,7 @@ MARKER = "vpt_import_hook"
 EXIT_STATUS = 2
 
 
-def _stop(message: str) -> None:
+def stop(message: str) -> None:
     r"""End the process with one line on stderr (an import hook has no caller that could report an exception)."""
     print(f"vpt: error: {message}", file=sys.stderr)
     raise SystemExit(EXIT_STATUS)
@@ -45,7 +45,7 @@ def apply_in_cli() -> None:
     except PatchError as error:
         markers = vpt_markers(sys.argv[1:])
         if markers:
-            _stop(f"{error} (this is a VPT run: {', '.join(markers)})")
+            stop(f"{error} (this is a VPT run: {', '.join(markers)})")
         # not a VPT run: LLaMA-Factory runs unpatched, as it would without this project
 
 
@@ -55,7 +55,7 @@ def refuse_v1_vpt_recipe() -> None:
 
     markers = vpt_markers(sys.argv[1:])
     if markers:
-        _stop(
+        stop(
             f"USE_V1=1 runs LLaMA-Factory's v1 stack, which the VPT patches do not support, so this VPT recipe "
             f"({', '.join(markers)}) would train without VPT: unset USE_V1 (or use vpt-cli train)"
         )

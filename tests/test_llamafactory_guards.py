@@ -193,3 +193,15 @@ def test_use_v1_refuses_a_vpt_recipe_and_the_switch_turns_the_hook_off(tmp_path)
 
     rc, out, err = finish(off)
     assert rc == 0 and "STATE False llamafactory.train.sft.trainer" in out, (out, err)
+
+
+def test_vpt_cli_refuses_another_release_in_one_line(monkeypatch, capsys):
+    import llamafactory.extras.env
+
+    from transformers_vpt import cli
+
+    monkeypatch.delenv(ANY_VERSION_ENV, raising=False)
+    monkeypatch.setattr(llamafactory.extras.env, "VERSION", "0.9.6")
+    assert cli.main(["train", str(VPT_RECIPE)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vpt-cli: error: the VPT patches are written for llamafactory 0.9.5")
