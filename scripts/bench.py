@@ -157,7 +157,7 @@ class UpstreamDesign(Qwen2VLPreTrainedModel, GenerationMixin):
         inputs = self.vpt.prepare_inputs_for_generation(
             input_ids, past_key_values=past_key_values, cache_position=cache_position, **kwargs
         )
-        if inputs["cache_position"][0] != 0 and self.vpt.get_action_mask(input_ids[:, -1:]).any():
+        if inputs["cache_position"][0] != 0 and self.vpt.model.get_action_mask(input_ids[:, -1:]).any():
             past_key_values.crop(-1)
             two_tokens = cache_position[-1:] + torch.tensor([-1, 0], device=cache_position.device)
             inputs.update(input_ids=input_ids[:, -2:], cache_position=two_tokens, position_ids=None)
@@ -165,34 +165,34 @@ class UpstreamDesign(Qwen2VLPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, labels=None,
                 use_cache=None, pixel_values=None, image_grid_thw=None, cache_position=None, **kwargs):
-        vpt = self.vpt
+        vpt, model = self.vpt, self.vpt.model  # the VPT ForConditionalGeneration and its VPT model
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
-            position_ids = vpt.get_position_ids(input_ids, attention_mask, image_grid_thw, None, cache_position,
-                                                past_length)
+            position_ids = model.get_position_ids(input_ids, attention_mask, image_grid_thw, None, cache_position,
+                                                  past_length)
         if cache_position is None:
             cache_position = torch.arange(past_length, past_length + input_ids.shape[1], device=input_ids.device)
-        decode = partial(vpt.model.language_model, attention_mask=attention_mask, position_ids=position_ids,
+        decode = partial(model.language_model, attention_mask=attention_mask, position_ids=position_ids,
                          cache_position=cache_position, use_cache=use_cache)
 
-        embeds = vpt.get_inputs_embeds(input_ids, pixel_values, image_grid_thw)  # upstream re-encodes clip images
-        extra_images = vpt.get_extra_image_features(input_ids, {key: kwargs.get(key) for key in EXTRA_IMAGE_INPUTS})
+        embeds = model.get_inputs_embeds(input_ids, pixel_values, image_grid_thw)  # upstream re-encodes clip images
+        extra_images = model.get_extra_image_features(input_ids, {key: kwargs.get(key) for key in EXTRA_IMAGE_INPUTS})
         first = embeds
         for images in extra_images:
-            first = vpt.scatter_extra_image_features(first, images)
+            first = model.scatter_extra_image_features(first, images)
         pass1 = decode(inputs_embeds=first, past_key_values=copy.deepcopy(past_key_values))
         control = torch.zeros_like(embeds)
         control[:, 1:] = pass1.last_hidden_state[:, :-1]
         second = embeds
         for images in extra_images:
             images.embedded = None  # upstream projects the features again in pass 2
-            second = vpt.scatter_extra_image_features(
-                second, images, vpt.get_control_states_per_image(images, input_ids, control)
+            second = model.scatter_extra_image_features(
+                second, images, model.get_control_states_per_image(images, input_ids, control)
             )
-        second = torch.where(vpt.get_action_mask(input_ids).unsqueeze(-1), control, second)
+        second = torch.where(model.get_action_mask(input_ids).unsqueeze(-1), control, second)
         pass2 = decode(inputs_embeds=second, past_key_values=copy.deepcopy(past_key_values))
 
         hidden_states = pass2.last_hidden_state
@@ -201,7 +201,7 @@ class UpstreamDesign(Qwen2VLPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = vpt.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
         return VPTCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=pass2.past_key_values,
-                                         rope_deltas=vpt.model.rope_deltas, last_hidden_state=hidden_states[:, -1])
+                                         rope_deltas=model.rope_deltas, last_hidden_state=hidden_states[:, -1])
 
 
 def upstream_view(model: VPT_Qwen2VLForConditionalGeneration) -> UpstreamDesign:
@@ -275,7 +275,7 @@ def build_models(args, variant: str, vocab: dict[str, int], device: torch.device
             plain = Qwen2VLForConditionalGeneration(plain_config(config)).to(dtype)
     plain.tie_weights()  # skipped by no_init_weights
     branch_modules = tuple(
-        f"{name}." for branch in vpt.vpt_branches for name in (branch.encoder_attr, branch.projector_attr) if name
+        f"model.{name}." for branch in vpt.vpt_branches for name in (branch.encoder_attr, branch.projector_attr) if name
     )
     missing, unexpected = plain.load_state_dict(vpt.state_dict(), strict=False)
     if missing or not all(key.startswith(branch_modules) for key in unexpected):

@@ -85,7 +85,8 @@ def test_released_layout_loads_with_no_missing_or_unexpected_keys(tmp_path, fmt,
 
 def test_unused_layers_are_not_built():
     model = make_model()
-    names = {name for name, _ in model.named_parameters()}
+    names = set(model.state_dict())  # the branches live in `model.model`; listed here by checkpoint name
+    names = {name.removeprefix("model.") for name in names if name.startswith(tuple(f"model.{p}" for p in BRANCH_PREFIXES))}
     assert not any(n.startswith(("clip_projector.layernorm_feature", "clip_projector.linear_feature",
                                  "seg_projector.linear_feature")) for n in names)
     assert {"detection_projector.layernorm_feature.weight", "detection_projector.linear_feature.weight",

@@ -170,8 +170,9 @@ def trainable(model) -> set[str]:
 
 def test_full_tuning_freezes_the_encoders(tiny, tmp_path):
     names = trainable(load_train_model(**train_args(tiny, tmp_path, freeze_vision_tower=True)))
-    assert not any(name.startswith(("detection_model.", "seg_model.", "model.visual.")) for name in names)
-    for prefix in ("detection_projector.", "seg_projector.", "clip_projector.", "model.language_model.", "lm_head."):
+    assert not any(name.startswith(("model.detection_model.", "model.seg_model.", "model.visual.")) for name in names)
+    projectors = ("model.detection_projector.", "model.seg_projector.", "model.clip_projector.")
+    for prefix in (*projectors, "model.language_model.", "lm_head."):
         assert any(name.startswith(prefix) for name in names), prefix
 
 
@@ -181,7 +182,7 @@ def test_lora_targets_the_language_model_and_saves_projectors(tiny, tmp_path):
     names = trainable(load_train_model(**train_args(tiny, tmp_path, **lora)))
     assert all(".language_model." in name for name in names if "lora_" in name)
     for projector in projectors.split(","):
-        assert any(name.startswith(f"base_model.model.{projector}.modules_to_save.") for name in names), projector
+        assert any(name.startswith(f"base_model.model.model.{projector}.modules_to_save.") for name in names), projector
     assert not any("lora_" in name and "projector" in name for name in names)
 
 

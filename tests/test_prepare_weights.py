@@ -45,8 +45,8 @@ def test_all_branches(sources, tmp_path):
     qwen = Qwen2VLForConditionalGeneration.from_pretrained(sources["qwen2_vl"]).state_dict()
     embedding_keys = {"model.language_model.embed_tokens.weight", "lm_head.weight"}
     assert_same(state, {key: value for key, value in qwen.items() if key not in embedding_keys})
-    assert_same(state, Dinov2Model.from_pretrained(sources["dino"]).state_dict(), "detection_model.")
-    assert_same(state, SamModel.from_pretrained(sources["sam"]).vision_encoder.state_dict(), "seg_model.")
+    assert_same(state, Dinov2Model.from_pretrained(sources["dino"]).state_dict(), "model.detection_model.")
+    assert_same(state, SamModel.from_pretrained(sources["sam"]).vision_encoder.state_dict(), "model.seg_model.")
     assert model.config.detection_config.hidden_size == 32 and model.config.seg_config.output_channels == 16
 
     tokenizer = AutoProcessor.from_pretrained(tmp_path).tokenizer

@@ -13,6 +13,7 @@ from transformers import GenerationConfig, GenerationMixin, LogitsProcessor, Log
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLImagesKwargs
 from transformers.processing_utils import ProcessingKwargs
 
+from transformers_vpt.models.vpt.modeling_vpt import VPTForConditionalGenerationMixin
 from transformers_vpt import VPT_Qwen2VLForConditionalGeneration, VPT_Qwen2VLProcessor
 from transformers_vpt.generation import (
     ForceTokenAtStepLogitsProcessor,
@@ -58,7 +59,8 @@ class Recorder(LogitsProcessor):
 def test_no_private_logits_processor_override():
     assert "_get_logits_processor" not in vars(VPT_Qwen2VLForConditionalGeneration)
     assert VPT_Qwen2VLForConditionalGeneration._get_logits_processor is GenerationMixin._get_logits_processor
-    assert "generate" in vars(VPT_Qwen2VLForConditionalGeneration)  # the public method carries the rules
+    assert "generate" in vars(VPTForConditionalGenerationMixin)  # the public method carries the rules
+    assert VPT_Qwen2VLForConditionalGeneration.generate is VPTForConditionalGenerationMixin.generate
 
 
 def test_user_processors_and_vpt_rules_both_apply(tiny):

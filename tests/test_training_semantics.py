@@ -24,7 +24,7 @@ def test_gradients_match_reference_through_both_passes():
         torch.testing.assert_close(ours[name], ref[name], rtol=1e-3, atol=1e-6, msg=name)
     # The condition path is reachable only through the pass-1 control states.
     for prefix in ("detection", "seg", "clip"):
-        assert ours[f"{prefix}_projector.linear_condition.weight"].abs().sum() > 0
+        assert ours[f"model.{prefix}_projector.linear_condition.weight"].abs().sum() > 0
     # The action-start token's embedding row gets gradient from pass 1 (control state) as well as pass 2.
     assert ours["model.language_model.embed_tokens.weight"][311].abs().sum() > 0
 
@@ -35,7 +35,7 @@ def test_frozen_modules_get_no_gradient_and_nothing_else_is_hardwired():
         module.requires_grad_(False)
     batch = collate([Sample("dino", seed=1), Sample("sam", seed=2), Sample("clip", seed=3)])
     got = grads(model, model(**batch).loss)
-    assert not any(n.startswith(("model.visual", "detection_model", "seg_model")) for n in got)
+    assert not any(n.startswith(("model.visual", "model.detection_model", "model.seg_model")) for n in got)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(got)  # every trainable parameter, embeddings and projectors included, gets a gradient
 
@@ -44,7 +44,9 @@ def test_encoders_receive_gradient_when_trainable():
     model = make_model()
     batch = collate([Sample("dino", seed=1), Sample("sam", seed=2), Sample("clip", seed=3)])
     got = grads(model, model(**batch).loss)
-    for name in ("detection_model.embeddings.patch_embeddings.projection.weight", "seg_model.patch_embed.projection.weight"):
+    names = ("model.detection_model.embeddings.patch_embeddings.projection.weight",
+             "model.seg_model.patch_embed.projection.weight")
+    for name in names:
         assert got[name].abs().sum() > 0
 
 

@@ -17,8 +17,8 @@ BATCHES = {
     "no action, no extra image": ["plain", "region"],
     "mixed": ["dino", "plain", "dino"],
 }
-ENCODERS = ("model.visual", "detection_model", "seg_model")
-NEVER_USED = {"detection_model.embeddings.mask_token"}  # DINOv2's masked-image-modelling token: VPT never masks
+ENCODERS = ("model.visual", "model.detection_model", "model.seg_model")
+NEVER_USED = {"model.detection_model.embeddings.mask_token"}  # DINOv2's masked-image-modelling token: VPT never masks
 
 
 def batch(kinds: list[str]) -> dict:
@@ -60,8 +60,8 @@ def test_every_batch_calls_the_same_modules_in_the_same_order(num_inner_forward_
 
     passes = num_inner_forward_run
     assert forward.count("model.visual") == 2  # the images, then the clip branch's images
-    assert forward.count("detection_model") == forward.count("seg_model") == 1
-    for projector in ("detection_projector", "seg_projector", "clip_projector"):
+    assert forward.count("model.detection_model") == forward.count("model.seg_model") == 1
+    for projector in ("model.detection_projector", "model.seg_projector", "model.clip_projector"):
         assert forward.count(projector) == passes
         assert forward.count(f"{projector}.linear_condition") == 1  # conditioned pass 2, or the zero term
     assert forward.count("model.language_model") == passes

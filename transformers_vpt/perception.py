@@ -214,7 +214,7 @@ class ClipBranch(VisionBranch):
         if pixel_values is None:
             return None, None
         grid_thw = inputs["clip_images_grid_thw"]
-        visual = model.model.visual
+        visual = model.visual
         tokens_per_image = (grid_thw.prod(-1) // visual.spatial_merge_size**2).cpu()
         images = pixel_values.split(grid_thw.prod(-1).tolist())
         # Round 2 re-encodes the image shown in round 1, which the same forward has just encoded: reuse it.

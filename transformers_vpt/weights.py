@@ -162,7 +162,7 @@ def prepare_weights(
     model, info = VPT_Qwen2VLForConditionalGeneration.from_pretrained(
         None, config=config, state_dict=state_dict, dtype=qwen_config.dtype, output_loading_info=True
     )
-    projectors = tuple(f"{BRANCHES[kind].projector_attr}." for kind in kinds)
+    projectors = tuple(f"model.{BRANCHES[kind].projector_attr}." for kind in kinds)  # new: not in any source
     not_loaded = [key for key in info["missing_keys"] if not key.startswith(projectors)]
     if not_loaded or info["unexpected_keys"]:
         raise ValueError(f"Checkpoint mismatch: missing {not_loaded}, unexpected {info['unexpected_keys']}")

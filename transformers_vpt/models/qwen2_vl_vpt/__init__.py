@@ -1,6 +1,7 @@
 from .configuration_qwen2_vl_vpt import VPT_Qwen2VLConfig, VRT_Qwen2VLConfig
 from .modeling_qwen2_vl_vpt import (
     VPT_Qwen2VLForConditionalGeneration,
+    VPT_Qwen2VLModel,
     VPTCausalLMOutputWithPast,
     VRT_Qwen2VLForConditionalGeneration,
 )
@@ -9,6 +10,7 @@ __all__ = [
     "VPT_Qwen2VLConfig",
     "VRT_Qwen2VLConfig",
     "VPT_Qwen2VLForConditionalGeneration",
+    "VPT_Qwen2VLModel",
     "VRT_Qwen2VLForConditionalGeneration",
     "VPTCausalLMOutputWithPast",
 ]
