@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from utils import make_model, spy_generate
+from utils import BASES, make_model, spy_generate
 
 from transformers_vpt.pipeline import VPTPipeline
 from transformers_vpt.tiny.assemble import build_tiny_vpt
@@ -32,7 +32,7 @@ def generate_calls(pipeline, monkeypatch):
     return spy_generate(pipeline, monkeypatch)
 
 
-@pytest.fixture(scope="session")
-def model():
-    """A tiny VPT model (all branches) with the token ids of `utils.TOKEN_IDS`."""
-    return make_model()
+@pytest.fixture(scope="session", params=BASES)
+def model(request):
+    """A tiny VPT model (all branches) with the token ids of `utils.TOKEN_IDS`, once per base (`utils.BASES`)."""
+    return make_model(base=request.param)

@@ -8,7 +8,9 @@ from utils import IMAGE, TOKEN_IDS, Sample, collate
 
 def test_vpt_pads_take_consecutive_text_positions(model):
     batch = collate([Sample("dino", seed=1), Sample("clip", seed=2)], "left")
-    positions, _ = model.model.get_rope_index(batch["input_ids"], batch["image_grid_thw"], None, batch["attention_mask"])
+    positions, _ = model.model.get_rope_index(
+        batch["input_ids"], image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"]
+    )
     for row, pad in ((0, TOKEN_IDS["detection_image_token_id"]), (1, TOKEN_IDS["clip_image_token_id"])):
         cols = (batch["input_ids"][row] == pad).nonzero().flatten()
         pads = positions[:, row, cols]
@@ -21,7 +23,9 @@ def test_vpt_pads_take_consecutive_text_positions(model):
 def test_training_collator_positions_equal_the_model_default(model):
     """LLaMA-Factory's collator passes (4, B, L) positions from get_rope_index; the model's default is the same."""
     batch = collate([Sample("dino", seed=1), Sample("sam", seed=2), Sample("region", seed=3)], "left")
-    positions, _ = model.model.get_rope_index(batch["input_ids"], batch["image_grid_thw"], None, batch["attention_mask"])
+    positions, _ = model.model.get_rope_index(
+        batch["input_ids"], image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"]
+    )
     text = batch["attention_mask"].cumsum(-1) - 1
     with torch.no_grad():
         default = model(**batch).logits
@@ -36,5 +40,7 @@ def test_generation_prefill_uses_the_training_positions(model):
     prepared = model.prepare_inputs_for_generation(
         **inputs, cache_position=torch.arange(batch["input_ids"].shape[1]), use_cache=True
     )
-    positions, _ = model.model.get_rope_index(batch["input_ids"], batch["image_grid_thw"], None, batch["attention_mask"])
+    positions, _ = model.model.get_rope_index(
+        batch["input_ids"], image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"]
+    )
     assert torch.equal(prepared["position_ids"][1:], positions)

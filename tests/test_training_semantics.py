@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from utils import Sample, collate, make_model
+from utils import BASES, Sample, collate, make_model
 from vpt_reference import reference_forward
 
 
@@ -14,8 +14,9 @@ def grads(model, loss):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_gradients_match_reference_through_both_passes():
-    model = make_model()
+@pytest.mark.parametrize("base", BASES)
+def test_gradients_match_reference_through_both_passes(base):
+    model = make_model(base=base)
     batch = collate([Sample("dino", seed=1), Sample("clip", seed=2), Sample("sam", seed=3), Sample("region", seed=4)])
     ours = grads(model, model(**batch).loss)
     ref = grads(model, reference_forward(model, **batch)[1])

@@ -19,9 +19,9 @@ from typing import Self
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import AutoModelForImageTextToText, LogitsProcessor, LogitsProcessorList
 
-from transformers_vpt import VPT_Qwen2VLForConditionalGeneration
+
 from transformers_vpt.pipeline import VPTPipeline, build_user_text, cap_image
 from transformers_vpt.regions import box_to_region_text
 from transformers_vpt.tiny.model import TINY_DINO_TOKENS, TINY_SAM_TOKENS, tiny_config
@@ -52,11 +52,15 @@ IMAGE_GRID = [1, 4, 4]
 PATCH_DIM = 3 * 2 * 14 * 14
 
 
-def make_model(vision_encoder_ls=("dino", "sam", "clip"), seed=0, **overrides):
-    """A tiny VPT model (eval mode) whose token ids are `TOKEN_IDS`."""
+BASES = ("qwen2_vl", "qwen2_5_vl")
+"""The Qwen-VL bases the model tests run on (`transformers_vpt.tiny.model.TINY_BASES`)."""
+
+
+def make_model(vision_encoder_ls=("dino", "sam", "clip"), seed=0, base="qwen2_vl", **overrides):
+    """A tiny VPT model of ``base`` (eval mode) whose token ids are `TOKEN_IDS`."""
     torch.manual_seed(seed)
-    config = tiny_config(vision_encoder_ls, token_ids=TOKEN_IDS, **overrides)
-    return VPT_Qwen2VLForConditionalGeneration(config).eval()
+    config = tiny_config(vision_encoder_ls, token_ids=TOKEN_IDS, base=base, **overrides)
+    return AutoModelForImageTextToText.from_config(config).eval()
 
 
 def turn(role_token: int, body: list[int]) -> list[int]:

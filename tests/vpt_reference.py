@@ -93,7 +93,7 @@ def reference_forward(model, input_ids, attention_mask=None, labels=None, pixel_
             embeds[r, run] = projected
         return embeds
 
-    positions, _ = model.model.get_rope_index(input_ids, image_grid_thw, None, attention_mask)
+    positions, _ = model.model.get_rope_index(input_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask)
     decoder = model.model.language_model
 
     action_ids = {kind: getattr(config, f"{prefix}_action_id") for kind, prefix in BRANCH_PREFIX.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..models.qwen2_5_vl_vpt.configuration_qwen2_5_vl_vpt import VPT_Qwen2_5_VLConfig
 from ..models.qwen2_vl_vpt import VPT_Qwen2VLConfig
 from .processor import (
     TINY_DETECTION_IMAGE_SEQLEN,
@@ -33,6 +34,14 @@ TINY_VISION = dict(
     depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=TINY_PATCH_SIZE,
     spatial_merge_size=TINY_MERGE_SIZE, temporal_patch_size=TINY_TEMPORAL_PATCH_SIZE,
 )
+TINY_VISION_2_5 = dict(
+    depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=TINY_TEXT["hidden_size"],
+    patch_size=TINY_PATCH_SIZE, spatial_merge_size=TINY_MERGE_SIZE, temporal_patch_size=TINY_TEMPORAL_PATCH_SIZE,
+    window_size=56, fullatt_block_indexes=[1],
+)
+"""Qwen2.5-VL's vision tower at the tiny sizes: window attention (56 px windows) in block 0, full attention in 1."""
+TINY_BASES = {"qwen2_vl": (VPT_Qwen2VLConfig, TINY_VISION), "qwen2_5_vl": (VPT_Qwen2_5_VLConfig, TINY_VISION_2_5)}
+"""Per base: the VPT config class and the tiny vision config; the text config is `TINY_TEXT` for both."""
 # DINOv2 at 28x28 input -> 2x2 = 4 patch tokens; SAM at 64x64 -> 4x4 map -> 16 tokens with stride 1: exactly the pad
 # counts of the tiny processor.
 TINY_DINO = dict(
@@ -47,11 +56,17 @@ TINY_DINO_TOKENS = TINY_DETECTION_IMAGE_SEQLEN
 TINY_SAM_TOKENS = TINY_SEG_IMAGE_SEQLEN
 
 
-def tiny_config(vision_encoder_ls=("dino", "sam", "clip"), token_ids: dict | None = None, **overrides) -> VPT_Qwen2VLConfig:
-    """A tiny VPT config. `token_ids` are the VPT id fields (see `vocabulary.fill_config_token_ids`)."""
+def tiny_config(
+    vision_encoder_ls=("dino", "sam", "clip"), token_ids: dict | None = None, base: str = "qwen2_vl", **overrides
+):
+    """A tiny VPT config of ``base`` (a key of `TINY_BASES`). `token_ids` are the VPT id fields (see
+    `vocabulary.fill_config_token_ids`)."""
+    if base not in TINY_BASES:
+        raise ValueError(f"unknown base {base!r}; choose from {sorted(TINY_BASES)}")
+    config_class, vision = TINY_BASES[base]
     fields = dict(
         text_config=TINY_TEXT,
-        vision_config=TINY_VISION,
+        vision_config=vision,
         detection_config=TINY_DINO,
         seg_config=TINY_SAM,
         vision_encoder_ls=list(vision_encoder_ls),
@@ -61,4 +76,4 @@ def tiny_config(vision_encoder_ls=("dino", "sam", "clip"), token_ids: dict | Non
     )
     fields.update(token_ids or {})
     fields.update(overrides)
-    return VPT_Qwen2VLConfig(**fields)
+    return config_class(**fields)

@@ -4,6 +4,7 @@ from .modeling_qwen2_vl_vpt import (
     VPT_Qwen2VLModel,
     VPTCausalLMOutputWithPast,
     VRT_Qwen2VLForConditionalGeneration,
+    VRT_Qwen2VLModel,
 )
 
 __all__ = [
@@ -12,5 +13,6 @@ __all__ = [
     "VPT_Qwen2VLForConditionalGeneration",
     "VPT_Qwen2VLModel",
     "VRT_Qwen2VLForConditionalGeneration",
+    "VRT_Qwen2VLModel",
     "VPTCausalLMOutputWithPast",
 ]

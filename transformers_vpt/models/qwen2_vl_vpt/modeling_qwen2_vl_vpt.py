@@ -31,10 +31,17 @@ class VPT_Qwen2VLForConditionalGeneration(VPTForConditionalGenerationMixin, Qwen
     _no_split_modules = VPT_Qwen2VLModel._no_split_modules
 
 
+class VRT_Qwen2VLModel(VPT_Qwen2VLModel):
+    """The same model under the name the released checkpoints carry (`"model_type": "vrt_qwen2_vl"`)."""
+
+    config_class = VRT_Qwen2VLConfig
+
+
 class VRT_Qwen2VLForConditionalGeneration(VPT_Qwen2VLForConditionalGeneration):
     """The same model under the name the released checkpoints carry (`"model_type": "vrt_qwen2_vl"`)."""
 
     config_class = VRT_Qwen2VLConfig
+    vpt_model_class = VRT_Qwen2VLModel
 
 
 __all__ = [
@@ -46,4 +53,5 @@ __all__ = [
     "VPT_Qwen2VLModel",
     "VPT_Qwen2VLForConditionalGeneration",
     "VRT_Qwen2VLForConditionalGeneration",
+    "VRT_Qwen2VLModel",
 ]

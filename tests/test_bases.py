@@ -1,0 +1,54 @@
+"""Every Qwen-VL base behaves as its stock model without VPT tokens, and round-trips through save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForImageTextToText, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2VLForConditionalGeneration
+from utils import BASES, Sample, collate, make_model
+
+from transformers_vpt import VPT_Qwen2_5_VLModel, VPT_Qwen2VLModel
+from transformers_vpt.models.vpt.modeling_vpt import BRANCH_MODULES
+
+STOCK = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
+VPT_MODELS = {"qwen2_vl": VPT_Qwen2VLModel, "qwen2_5_vl": VPT_Qwen2_5_VLModel}
+
+
+def stock_twin(model, base: str):
+    """The stock model of ``base`` holding the VPT model's text and vision weights (branches left out)."""
+    stock_config = STOCK[base].config_class(**{
+        key: value for key, value in model.config.to_dict().items()
+        if key not in ("model_type", "architectures", "detection_config", "seg_config")
+    })
+    stock = STOCK[base](stock_config).eval()
+    missing, unexpected = stock.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all(key.removeprefix("model.").startswith(BRANCH_MODULES) for key in unexpected)
+    return stock
+
+
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_without_vpt_tokens_the_logits_are_exactly_the_stock_models(base, padding_side):
+    model = make_model(base=base)
+    stock = stock_twin(model, base)
+    batch = collate([Sample("plain", seed=1), Sample("region", seed=2, question=(50, 51, 52))], padding_side)
+    with torch.no_grad():
+        ours, theirs = model(**batch), stock(**batch)
+    keep = batch["attention_mask"].bool()
+    assert torch.equal(ours.logits[keep], theirs.logits[keep])
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-6, atol=1e-7)  # ours in float32 on labelled rows
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_save_load_round_trip_and_auto_classes(base, tmp_path):
+    model = make_model(base=base, seed=5)
+    model.save_pretrained(tmp_path)
+    loaded, info = AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(loaded) is type(model) and not info["missing_keys"] and not info["unexpected_keys"]
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+    assert isinstance(AutoModel.from_config(model.config), VPT_MODELS[base])
+    batch = collate([Sample("dino", seed=1), Sample("clip", seed=2)])
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded.eval()(**batch).logits)
