@@ -23,7 +23,8 @@ from llamafactory.extras.constants import MROPE_MODELS
 from llamafactory.model import loader
 from llamafactory.model.model_utils import visual
 
-from transformers_vpt import VPT_Qwen2VLConfig, VPT_Qwen2VLProcessor, VRT_Qwen2VLConfig
+from transformers_vpt import VPT_Qwen2_5_VLConfig, VPT_Qwen2VLConfig, VPT_Qwen2VLProcessor, VRT_Qwen2VLConfig
+from transformers_vpt.models.vpt.configuration_vpt import VPTConfigMixin
 from transformers_vpt.perception import BRANCHES
 from transformers_vpt.vocabulary import add_vpt_tokens, init_added_token_rows
 
@@ -32,7 +33,7 @@ from .guard import Private
 
 logger = logging.get_logger(__name__)
 
-VPT_MODEL_TYPES = (VPT_Qwen2VLConfig.model_type, VRT_Qwen2VLConfig.model_type)
+VPT_MODEL_TYPES = (VPT_Qwen2VLConfig.model_type, VRT_Qwen2VLConfig.model_type, VPT_Qwen2_5_VLConfig.model_type)
 
 
 def _add_tokens(tokenizer, model_args, vision_encoder_ls, config=None) -> None:
@@ -49,7 +50,7 @@ def _checkpoint_encoders(model_args) -> list[str] | None:
         return model_args.vision_encoder_ls
 
     config = loader.load_config(model_args)
-    return config.vision_encoder_ls if isinstance(config, VPT_Qwen2VLConfig) else None
+    return config.vision_encoder_ls if isinstance(config, VPTConfigMixin) else None
 
 
 def _wrap_patch_tokenizer(patch_tokenizer):
@@ -69,7 +70,7 @@ def _wrap_patch_config(patch_config):
         patch_config(config, tokenizer, model_args, init_kwargs, is_trainable)
         values = {name: getattr(model_args, name) for name in VPT_CONFIG_FIELDS}
         values = {name: value for name, value in values.items() if value is not None}
-        if not isinstance(config, VPT_Qwen2VLConfig):
+        if not isinstance(config, VPTConfigMixin):
             set_keys = sorted(values) + (["vpt_drop_branches"] if model_args.vpt_drop_branches else [])
             if set_keys:
                 raise ValueError(

@@ -28,6 +28,9 @@ from .template import register_released_template
 
 TEMPLATE_NAME = "vpt_qwen2_vl"
 BASE_TEMPLATE = "qwen2_vl"
+VPT_TEMPLATES = {TEMPLATE_NAME: BASE_TEMPLATE, "vpt_qwen2_5_vl": BASE_TEMPLATE}
+"""The VPT templates and the stock template each is built from: LLaMA-Factory 0.9.5 formats Qwen2.5-VL with its
+`qwen2_vl` template and plugin, and so does VPT (with the released labels, as for Qwen2-VL)."""
 
 _PLUGIN = mm_plugin.Qwen2VLPlugin
 PRIVATE = tuple(
@@ -144,6 +147,7 @@ def patch() -> None:
     r"""Registers the plugin (`register_mm_plugin`) and the template (`register_template`, the released labels)."""
     if TEMPLATE_NAME not in mm_plugin.PLUGINS:
         mm_plugin.register_mm_plugin(TEMPLATE_NAME, VPTQwen2VLPlugin)
-    base = TEMPLATES[BASE_TEMPLATE].mm_plugin
-    plugin = mm_plugin.get_mm_plugin(TEMPLATE_NAME, image_token=base.image_token, video_token=base.video_token)
-    register_released_template(TEMPLATE_NAME, BASE_TEMPLATE, plugin)
+    for name, base_name in VPT_TEMPLATES.items():
+        base = TEMPLATES[base_name].mm_plugin
+        plugin = mm_plugin.get_mm_plugin(TEMPLATE_NAME, image_token=base.image_token, video_token=base.video_token)
+        register_released_template(name, base_name, plugin)

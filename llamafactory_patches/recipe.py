@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-VPT_TEMPLATES = ("vpt_qwen2_vl",)
+VPT_TEMPLATES = ("vpt_qwen2_vl", "vpt_qwen2_5_vl")
 """LLaMA-Factory templates of VPT models."""
 VPT_KEYS = (
     "vision_encoder_ls",
@@ -25,7 +25,7 @@ VPT_KEYS = (
     "vpt_skip_bad_records",
 )
 """YAML keys only the VPT argument classes (`args.VPTModelArguments`, `args.VPTDataArguments`) know."""
-VPT_MODEL_TYPES = ("qwen2_vl_vpt", "vrt_qwen2_vl")
+VPT_MODEL_TYPES = ("qwen2_vl_vpt", "vrt_qwen2_vl", "qwen2_5_vl_vpt")
 """``model_type`` of VPT checkpoints (`transformers_vpt`'s configs)."""
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 

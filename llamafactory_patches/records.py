@@ -36,13 +36,13 @@ from llamafactory.data import converter, loader
 from llamafactory.extras import logging
 from llamafactory.model import loader as model_loader
 
-from transformers_vpt import VPT_Qwen2VLConfig
+from transformers_vpt.models.vpt.configuration_vpt import VPTConfigMixin
 from transformers_vpt.errors import VPTUserError
 from transformers_vpt.records import record_problems
 
 from .data import EXTRA_IMAGE_KEYS, RECORD_COLUMN, stock_formatting, vpt_formatting
 from .guard import Private
-from .plugin import TEMPLATE_NAME
+from .plugin import VPT_TEMPLATES
 
 logger = logging.get_logger(__name__)
 
@@ -124,7 +124,7 @@ def record_rules(model_args) -> dict[str, Any]:
     values = {name: getattr(model_args, name, None) for name in names}
     if None in values.values():
         config = model_loader.load_config(model_args)
-        if isinstance(config, VPT_Qwen2VLConfig):
+        if isinstance(config, VPTConfigMixin):
             values = {name: getattr(config, name) if value is None else value for name, value in values.items()}
     return {
         "branches": values["vision_encoder_ls"],
@@ -231,7 +231,7 @@ def _wrap_load_single_dataset(load_single_dataset):
 
     @wraps(load_single_dataset)
     def wrapper(dataset_attr, model_args, data_args, training_args):
-        if data_args.template != TEMPLATE_NAME:
+        if data_args.template not in VPT_TEMPLATES:
             return load_single_dataset(dataset_attr, model_args, data_args, training_args)
         dataset_attr.formatting = vpt_formatting(dataset_attr.formatting)
         token = _LOADING.set(_Loading(dataset_attr, model_args, data_args))

@@ -25,7 +25,7 @@ from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 from PIL import Image
 from typing_extensions import override
 
-from transformers_vpt import VPT_Qwen2VLForConditionalGeneration
+from transformers_vpt.models.vpt.modeling_vpt import VPTForConditionalGenerationMixin
 from transformers_vpt.perception import VisionBranch
 
 from .guard import Private
@@ -40,7 +40,7 @@ class VPTSeq2SeqTrainer(CustomSeq2SeqTrainer):
         self.vpt_processor = processor
         self.frozen_dummy_features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _dummy_features(self, model: VPT_Qwen2VLForConditionalGeneration, branch: VisionBranch):
+    def _dummy_features(self, model: VPTForConditionalGenerationMixin, branch: VisionBranch):
         encoder = getattr(model, branch.encoder_attr) if branch.encoder_attr else None
         trainable = encoder is not None and any(param.requires_grad for param in encoder.parameters())
         if trainable or branch.kind not in self.frozen_dummy_features:
@@ -56,7 +56,7 @@ class VPTSeq2SeqTrainer(CustomSeq2SeqTrainer):
 
         return self.frozen_dummy_features[branch.kind]
 
-    def zero_branch_loss(self, model: VPT_Qwen2VLForConditionalGeneration) -> torch.Tensor:
+    def zero_branch_loss(self, model: VPTForConditionalGenerationMixin) -> torch.Tensor:
         condition_size = model.config.projector_scale * model.config.text_config.hidden_size
         total = 0.0
         for branch in model.vpt_branches:
@@ -74,7 +74,7 @@ class VPTSeq2SeqTrainer(CustomSeq2SeqTrainer):
         if hasattr(vpt_model, "get_base_model"):  # peft
             vpt_model = vpt_model.get_base_model()
 
-        if not model.training or not isinstance(vpt_model, VPT_Qwen2VLForConditionalGeneration):
+        if not model.training or not isinstance(vpt_model, VPTForConditionalGenerationMixin):
             return result
 
         if vpt_model.uses_uniform_module_calls:  # the forward gave every trainable VPT parameter a gradient

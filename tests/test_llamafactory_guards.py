@@ -72,8 +72,9 @@ def test_every_patch_module_declares_its_private_names():
 
 
 # ---------------------------------------------------------------------------------------------- registries
-def test_template_is_registered_as_qwen2_vl_with_the_released_labels():
-    ours, base = TEMPLATES[plugin.TEMPLATE_NAME], TEMPLATES["qwen2_vl"]
+@pytest.mark.parametrize("name", list(plugin.VPT_TEMPLATES))
+def test_template_is_registered_as_qwen2_vl_with_the_released_labels(name):
+    ours, base = TEMPLATES[name], TEMPLATES[plugin.VPT_TEMPLATES[name]]
     assert type(ours).__name__ == "ReleasedQwen2VLTemplate" and isinstance(ours.mm_plugin, plugin.VPTQwen2VLPlugin)
     differ = {f.name for f in dataclasses.fields(base) if getattr(ours, f.name) != getattr(base, f.name)}
     assert differ == {"format_assistant", "format_function", "mm_plugin"}
@@ -97,7 +98,7 @@ def test_formattings_are_registered_and_stock_converters_untouched():
 def test_recipe_detection_knows_every_vpt_key_model_type_and_template():
     assert set(recipe.VPT_KEYS) == set(args.vpt_keys())
     assert set(recipe.VPT_MODEL_TYPES) == set(model.VPT_MODEL_TYPES)
-    assert plugin.TEMPLATE_NAME in recipe.VPT_TEMPLATES
+    assert set(plugin.VPT_TEMPLATES) == set(recipe.VPT_TEMPLATES)
 
 
 def test_recipe_detection(tmp_path):
