@@ -23,8 +23,9 @@ from llamafactory.extras.constants import MROPE_MODELS
 from llamafactory.model import loader
 from llamafactory.model.model_utils import visual
 
-from transformers_vpt import VPT_Qwen2_5_VLConfig, VPT_Qwen2VLConfig, VPT_Qwen2VLProcessor, VRT_Qwen2VLConfig
+from transformers_vpt import VPT_Qwen2_5_VLConfig, VPT_Qwen2VLConfig, VRT_Qwen2VLConfig
 from transformers_vpt.models.vpt.configuration_vpt import VPTConfigMixin
+from transformers_vpt.models.vpt.processing_vpt import VPTProcessorMixin
 from transformers_vpt.perception import BRANCHES
 from transformers_vpt.vocabulary import add_vpt_tokens, init_added_token_rows
 
@@ -107,7 +108,7 @@ def _wrap_patch_processor(patch_processor):
     @wraps(patch_processor)
     def wrapper(processor, tokenizer, model_args):
         patch_processor(processor, tokenizer, model_args)
-        if isinstance(processor, VPT_Qwen2VLProcessor):
+        if isinstance(processor, VPTProcessorMixin):
             processor.image_resolution = model_args.image_resolution  # read by the VPT plugin (the released rule)
 
     return wrapper

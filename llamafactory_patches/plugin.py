@@ -5,7 +5,7 @@ side of images, crops and clip images capped at the recipe's `image_resolution` 
 inputs at 1024, sides under 28 stretched. LLaMA-Factory 0.9.5's `image_max_pixels` / `image_min_pixels` area rule
 does not apply to them (it still applies to video frames).
 
-Placeholder expansion and the extra tensors come from `VPT_Qwen2VLProcessor` (`expand_placeholders`,
+Placeholder expansion and the extra tensors come from the VPT processor (`VPTProcessorMixin.expand_placeholders`,
 `preprocess_extra_images`); the plugin only loads images (crop paths included) and counts them.
 """
 
@@ -19,7 +19,7 @@ from llamafactory.data import mm_plugin
 from llamafactory.data.template import TEMPLATES
 from typing_extensions import override
 
-from transformers_vpt import VPT_Qwen2VLProcessor
+from transformers_vpt.models.vpt.processing_vpt import VPTProcessorMixin
 from transformers_vpt.images import IMAGE_RESOLUTION, SEG_IMAGE_RESOLUTION, fit_image, load_image, to_rgb
 from transformers_vpt.vocabulary import BRANCH_TOKENS
 
@@ -46,10 +46,10 @@ PRIVATE = tuple(
 )
 
 
-def vpt_processor(processor: Any) -> VPT_Qwen2VLProcessor:
-    if not isinstance(processor, VPT_Qwen2VLProcessor):
+def vpt_processor(processor: Any) -> VPTProcessorMixin:
+    if not isinstance(processor, VPTProcessorMixin):
         raise ValueError(
-            f"The {TEMPLATE_NAME} template needs a VPT_Qwen2VLProcessor, got {type(processor).__name__}; "
+            f"The VPT templates need a VPT processor (e.g. VPT_Qwen2VLProcessor), got {type(processor).__name__}; "
             "point `model_name_or_path` at a VPT checkpoint (see scripts/prepare_weights.py)"
         )
 

@@ -7,7 +7,12 @@ model type ``qwen2_vl_vpt`` and under ``vrt_qwen2_vl``, the type the released ch
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoModelForVision2Seq, AutoProcessor
 
-from .models.qwen2_5_vl_vpt import VPT_Qwen2_5_VLConfig, VPT_Qwen2_5_VLForConditionalGeneration, VPT_Qwen2_5_VLModel
+from .models.qwen2_5_vl_vpt import (
+    VPT_Qwen2_5_VLConfig,
+    VPT_Qwen2_5_VLForConditionalGeneration,
+    VPT_Qwen2_5_VLModel,
+    VPT_Qwen2_5_VLProcessor,
+)
 from .models.qwen2_vl_vpt import (
     VPT_Qwen2VLConfig,
     VPT_Qwen2VLForConditionalGeneration,
@@ -24,19 +29,19 @@ from .vocabulary import add_vpt_tokens
 for _config, _base, _model, _processor in (
     (VPT_Qwen2VLConfig, VPT_Qwen2VLModel, VPT_Qwen2VLForConditionalGeneration, VPT_Qwen2VLProcessor),
     (VRT_Qwen2VLConfig, VRT_Qwen2VLModel, VRT_Qwen2VLForConditionalGeneration, VPT_Qwen2VLProcessor),
-    (VPT_Qwen2_5_VLConfig, VPT_Qwen2_5_VLModel, VPT_Qwen2_5_VLForConditionalGeneration, None),
+    (VPT_Qwen2_5_VLConfig, VPT_Qwen2_5_VLModel, VPT_Qwen2_5_VLForConditionalGeneration, VPT_Qwen2_5_VLProcessor),
 ):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModel.register(_config, _base, exist_ok=True)
     AutoModelForImageTextToText.register(_config, _model, exist_ok=True)
     AutoModelForVision2Seq.register(_config, _model, exist_ok=True)
-    if _processor is not None:
-        AutoProcessor.register(_config, _processor, exist_ok=True)
+    AutoProcessor.register(_config, _processor, exist_ok=True)
 
 __all__ = [
     "VPT_Qwen2_5_VLConfig",
     "VPT_Qwen2_5_VLForConditionalGeneration",
     "VPT_Qwen2_5_VLModel",
+    "VPT_Qwen2_5_VLProcessor",
     "VPT_Qwen2VLConfig",
     "VPT_Qwen2VLModel",
     "VPT_Qwen2VLForConditionalGeneration",
