@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers.integrations.deepspeed import HfDeepSpeedConfig
-from utils import Sample, collate, make_model, recorded_calls
+from utils import BASES, Sample, collate, make_model, recorded_calls
 
 BATCHES = {
     "actions and every extra-image kind": ["dino", "sam", "clip", "region"],
@@ -42,9 +42,10 @@ def loss_and_grads(model, inputs, uniform: bool):
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("num_inner_forward_run, gradient_checkpointing", [(2, False), (2, True), (1, False)])
-def test_every_batch_calls_the_same_modules_in_the_same_order(num_inner_forward_run, gradient_checkpointing):
-    model = make_model(num_inner_forward_run=num_inner_forward_run).train()
+def test_every_batch_calls_the_same_modules_in_the_same_order(num_inner_forward_run, gradient_checkpointing, base):
+    model = make_model(num_inner_forward_run=num_inner_forward_run, base=base).train()
     model.detection_model.requires_grad_(False)  # as the recipes train: frozen DINOv2 and SAM
     model.seg_model.requires_grad_(False)
     if gradient_checkpointing:  # the decoder layers then run again in backward: equally on every batch
@@ -73,11 +74,12 @@ def test_every_batch_calls_the_same_modules_in_the_same_order(num_inner_forward_
     assert mixed != plain
 
 
+@pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("case", list(BATCHES))
 @pytest.mark.parametrize("num_inner_forward_run", [2, 1])
-def test_uniform_mode_changes_no_loss_and_no_gradient(case, num_inner_forward_run):
+def test_uniform_mode_changes_no_loss_and_no_gradient(case, num_inner_forward_run, base):
     overrides = dict(para_mask_id=1, para_mask_ratio=0.5) if num_inner_forward_run == 2 else {}
-    model = make_model(num_inner_forward_run=num_inner_forward_run, **overrides).train()
+    model = make_model(num_inner_forward_run=num_inner_forward_run, base=base, **overrides).train()
     inputs = batch(BATCHES[case])
     loss_off, grads_off = loss_and_grads(model, inputs, uniform=False)
     loss_on, grads_on = loss_and_grads(model, inputs, uniform=True)
