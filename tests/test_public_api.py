@@ -14,6 +14,7 @@ from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLImagesKwargs
 from transformers.processing_utils import ProcessingKwargs
 
 from transformers_vpt.models.vpt.modeling_vpt import VPTForConditionalGenerationMixin
+from transformers_vpt.models.vpt.processing_vpt import VPTProcessorKwargs
 from transformers_vpt import VPT_Qwen2VLForConditionalGeneration, VPT_Qwen2VLProcessor
 from transformers_vpt.generation import (
     ForceTokenAtStepLogitsProcessor,
@@ -130,8 +131,9 @@ def test_processor_kwargs_are_typed_like_qwen2_vl():
     assert set(ProcessingKwargs.__annotations__) <= set(hints)
     assert hints["images_kwargs"] is Qwen2VLImagesKwargs
     assert VPT_Qwen2VLProcessorKwargs._defaults["text_kwargs"] == {"padding": False, "return_mm_token_type_ids": False}
+    assert VPT_Qwen2VLProcessor.valid_processor_kwargs is VPT_Qwen2VLProcessorKwargs  # what `_merge_kwargs` uses
     (unpacked,) = typing.get_args(typing.get_type_hints(VPT_Qwen2VLProcessor.__call__)["kwargs"])
-    assert unpacked is VPT_Qwen2VLProcessorKwargs
+    assert unpacked is VPTProcessorKwargs  # the call is typed with the kwargs every VPT processor shares
 
 
 def test_processor_merges_kwargs_with_its_own_class(tiny, monkeypatch):

@@ -7,15 +7,12 @@ computed by `Qwen2_5_VLProcessor.__call__`); this module adds its kwargs types.
 """
 
 import copy
-from typing import Any
 
-from transformers.feature_extraction_utils import BatchFeature
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import (
     Qwen2_5_VLImagesKwargs,
     Qwen2_5_VLProcessor,
     Qwen2_5_VLVideosProcessorKwargs,
 )
-from transformers.processing_utils import Unpack
 
 from ..vpt.processing_vpt import VPTProcessorKwargs, VPTProcessorMixin
 
@@ -48,45 +45,7 @@ class VPT_Qwen2_5_VLProcessor(VPTProcessorMixin, Qwen2_5_VLProcessor):
     ``seg_processor_config``, ``detection_image_seqlen`` / ``seg_image_seqlen`` and ``fast_image_processor``.
     """
 
-    valid_processor_kwargs = VPT_Qwen2_5_VLProcessorKwargs
-
-    def __call__(
-        self,
-        images: Any = None,
-        text: str | list[str] | None = None,
-        videos: Any = None,
-        *,
-        detection_images: Any = None,
-        seg_images: Any = None,
-        clip_images: Any = None,
-        **kwargs: Unpack[VPT_Qwen2_5_VLProcessorKwargs],
-    ) -> BatchFeature:
-        """Tokenize ``text`` with expanded placeholders and preprocess every kind of visual input.
-
-        Args:
-            images: Qwen2.5-VL images, a flat list in placeholder order or a list per sample.
-            text: One text or a batch of texts with placeholders (see [`VPT_Qwen2VLProcessor`]).
-            videos: Qwen2.5-VL videos.
-            detection_images: DINOv2 images, flat or per sample.
-            seg_images: SAM images, flat or per sample.
-            clip_images: Images re-encoded by Qwen2.5-VL's vision tower, flat or per sample.
-            kwargs: [`VPT_Qwen2_5_VLProcessorKwargs`]: tokenizer, image-processor and video kwargs (``fps``), flat
-                or per modality.
-
-        Returns:
-            [`BatchFeature`] with ``input_ids``, ``attention_mask`` and, for the inputs given, ``pixel_values`` and
-            ``image_grid_thw``, ``pixel_values_videos``, ``video_grid_thw`` and ``second_per_grid_ts``,
-            ``detection_images``, ``seg_images``, ``clip_pixel_values`` and ``clip_images_grid_thw``.
-        """
-        return super().__call__(
-            images,
-            text,
-            videos,
-            detection_images=detection_images,
-            seg_images=seg_images,
-            clip_images=clip_images,
-            **kwargs,
-        )
+    valid_processor_kwargs = VPT_Qwen2_5_VLProcessorKwargs  # the `_merge_kwargs` types and defaults of `VPTProcessorMixin.__call__`
 
 
 __all__ = ["VPT_Qwen2_5_VLProcessor", "VPT_Qwen2_5_VLProcessorKwargs"]

@@ -5,11 +5,8 @@ Everything that is the same for every Qwen-VL base lives in `transformers_vpt.mo
 """
 
 import copy
-from typing import Any
 
-from transformers.feature_extraction_utils import BatchFeature
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLImagesKwargs, Qwen2VLProcessor
-from transformers.processing_utils import Unpack
 
 from ...vocabulary import VIDEO_PAD
 from ..vpt.processing_vpt import (
@@ -59,45 +56,7 @@ class VPT_Qwen2VLProcessor(VPTProcessorMixin, Qwen2VLProcessor):
     ``fast_image_processor`` (False: a fast image processor is replaced by the slow one with the same settings).
     """
 
-    valid_processor_kwargs = VPT_Qwen2VLProcessorKwargs
-
-    def __call__(
-        self,
-        images: Any = None,
-        text: str | list[str] | None = None,
-        videos: Any = None,
-        *,
-        detection_images: Any = None,
-        seg_images: Any = None,
-        clip_images: Any = None,
-        **kwargs: Unpack[VPT_Qwen2VLProcessorKwargs],
-    ) -> BatchFeature:
-        """Tokenize ``text`` with expanded placeholders and preprocess every kind of visual input.
-
-        Args:
-            images: Qwen2-VL images, a flat list in placeholder order or a list per sample.
-            text: One text or a batch of texts with placeholders (see the class docstring).
-            videos: Qwen2-VL videos.
-            detection_images: DINOv2 images, flat or per sample.
-            seg_images: SAM images, flat or per sample.
-            clip_images: Images re-encoded by Qwen2-VL's vision tower, flat or per sample.
-            kwargs: [`VPT_Qwen2VLProcessorKwargs`]: tokenizer, image-processor and video-processor kwargs, flat
-                (``padding_side="left"``, ``return_tensors="pt"``) or per modality (``text_kwargs={...}``).
-
-        Returns:
-            [`BatchFeature`] with ``input_ids``, ``attention_mask`` and, for the inputs given, ``pixel_values`` and
-            ``image_grid_thw``, ``pixel_values_videos`` and ``video_grid_thw``, ``detection_images`` (N, 3, H, W),
-            ``seg_images`` (N, 3, H, W), ``clip_pixel_values`` and ``clip_images_grid_thw``.
-        """
-        return super().__call__(
-            images,
-            text,
-            videos,
-            detection_images=detection_images,
-            seg_images=seg_images,
-            clip_images=clip_images,
-            **kwargs,
-        )
+    valid_processor_kwargs = VPT_Qwen2VLProcessorKwargs  # the `_merge_kwargs` types and defaults of `VPTProcessorMixin.__call__`
 
 
 __all__ = [
