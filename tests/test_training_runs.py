@@ -211,3 +211,44 @@ def test_vpt_cli_rank_script_applies_the_patches_without_the_hook(workdir):
         str(RECIPES / "alignment.yaml"), *overrides, PYTHONPATH=os.pathsep.join((str(ROOT), site_packages)),
     )
     assert len(losses(workdir / "outputs/tiny/runs/rank")) == 1
+
+
+# ---------------------------------------------------------------------------------------------------- Qwen2.5-VL
+@pytest.fixture(scope="module")
+def workdir_2_5(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("runs_2_5")
+    make_tiny(directory / "outputs" / "tiny", base="qwen2_5_vl")
+    return directory
+
+
+QWEN2_5_VL = ("template=vpt_qwen2_5_vl",)
+
+
+@pytest.mark.slow
+def test_qwen2_5_vl_alignment_and_two_pass_instruction(workdir_2_5):
+    llamafactory(workdir_2_5, "train", "alignment.yaml", *QWEN2_5_VL)
+    before = load_file(workdir_2_5 / "outputs/tiny/vpt-init/model.safetensors")
+    after = load_file(workdir_2_5 / "outputs/tiny/runs/alignment/model.safetensors")
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed and all(key.startswith(PROJECTORS) for key in changed), sorted(changed)
+
+    llamafactory(workdir_2_5, "train", "instruction.yaml", *QWEN2_5_VL)
+    output_dir = workdir_2_5 / "outputs/tiny/runs/instruction"
+    values = losses(output_dir)
+    assert len(values) == 8 and all(math.isfinite(value) for value in values)
+    assert sum(values[-2:]) < sum(values[:2]), values
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["model_type"] == "qwen2_5_vl_vpt" and config["num_inner_forward_run"] == 2
+    model = AutoModelForImageTextToText.from_pretrained(output_dir)
+    assert type(model).__name__ == "VPT_Qwen2_5_VLForConditionalGeneration"
+    assert type(AutoProcessor.from_pretrained(output_dir)).__name__ == "VPT_Qwen2_5_VLProcessor"
+
+
+@pytest.mark.slow
+def test_qwen2_5_vl_ddp_two_processes(workdir_2_5):
+    overrides = ("output_dir=outputs/tiny/runs/ddp", "per_device_train_batch_size=1", "max_steps=4",
+                 "save_steps=100", "ddp_find_unused_parameters=false", *QWEN2_5_VL)
+    result = llamafactory(workdir_2_5, "train", "instruction.yaml", *overrides, FORCE_TORCHRUN="1", NPROC_PER_NODE="2")
+    assert "world size: 2" in result.stdout + result.stderr
+    values = losses(workdir_2_5 / "outputs/tiny/runs/ddp")
+    assert len(values) == 4 and all(math.isfinite(value) for value in values)
