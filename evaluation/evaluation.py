@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Evaluate VPT models and plain Qwen2-VL baselines on the released VPT test splits.
+"""Evaluate VPT models and plain base-model baselines on the released VPT test splits.
 
-A VPT model answers in two rounds (`transformers_vpt.pipeline.VPTPipeline`): round 1 on the record's first user
-turn and first image, round 2 on the region crops or the re-encoded image its perception tokens ask for. A plain
-Qwen2-VL checkpoint (config ``model_type`` ``qwen2_vl``) is the baseline: one round, the trigger phrase removed.
+A VPT model of any base (Qwen2-VL, Qwen2.5-VL) answers in two rounds (`transformers_vpt.pipeline.VPTPipeline`):
+round 1 on the record's first user turn and first image, round 2 on the region crops or the re-encoded image its
+perception tokens ask for. A plain base checkpoint (config ``model_type`` ``qwen2_vl``, ``qwen2_5_vl``: the bases of
+`transformers_vpt.models.bases`) is the baseline: one round, the trigger phrase removed.
 Answers are scored with the judge-free metric of each dataset and, given ``--judge-base-url``, by the LLM judge.
 
 Runs are resumable: every batch of answers is appended to ``answers.jsonl`` and synced; a rerun with the same
@@ -63,15 +64,22 @@ from evaluation.storage import (
     prepare_output_dir,
     read_json,
 )
-from transformers_vpt import VPT_Qwen2VLConfig, VRT_Qwen2VLConfig
 from transformers_vpt.errors import DEBUG_ENV, VPTUserError, one_line, run_cli
 from transformers_vpt.files import write_json
 from transformers_vpt.images import ImageLoadError, load_image
-from transformers_vpt.pipeline import PROTOCOLS, VPTPipeline, VPTResult, model_type_of
+from transformers_vpt.pipeline import (
+    BASELINE_MODEL_TYPES,
+    PROTOCOLS,
+    VPT_MODEL_TYPES,
+    VPTPipeline,
+    VPTResult,
+    model_type_of,
+)
 
 logger = logging.getLogger("evaluation")
 
-MODEL_KINDS = {"qwen2_vl": "baseline", VPT_Qwen2VLConfig.model_type: "vpt", VRT_Qwen2VLConfig.model_type: "vpt"}
+MODEL_KINDS = {**dict.fromkeys(BASELINE_MODEL_TYPES, "baseline"), **dict.fromkeys(VPT_MODEL_TYPES, "vpt")}
+"""How each ``model_type`` is evaluated: a plain base model as the one-round baseline, a VPT model in two rounds."""
 
 
 class ConfigError(VPTUserError):
@@ -212,7 +220,8 @@ line on stderr naming the problem (--debug shows the traceback).""",
         nargs="+",
         metavar="[NAME=]DIR",
         help="model directory, repeatable; NAME (default: the folder name) names its output folder and table row. "
-        "A plain Qwen2-VL checkpoint is evaluated as the single-round baseline",
+        "A plain base checkpoint (e.g. Qwen2-VL-2B-Instruct, Qwen2.5-VL-3B-Instruct) is evaluated as the "
+        "single-round baseline",
     )
     data.add_argument("--data-dir", metavar="DIR", help="folder of the test split JSON files (required)")
     data.add_argument(
@@ -371,7 +380,10 @@ def resolve_models(specs: Sequence[str]) -> list[ModelSpec]:
         except VPTUserError as error:
             raise ConfigError(f"--model {spec}: {error}") from error
         if model_type not in MODEL_KINDS:
-            raise ConfigError(f"--model {spec}: model_type {model_type!r} is neither Qwen2-VL nor VPT")
+            raise ConfigError(
+                f"--model {spec}: model_type {model_type!r} is neither a VPT model ({', '.join(VPT_MODEL_TYPES)}) nor "
+                f"a plain base model ({', '.join(BASELINE_MODEL_TYPES)})"
+            )
         if (problem := name_problem(name)) is not None:
             raise ConfigError(
                 f"--model {spec}: {name!r} cannot name an output folder ({problem}); use --model NAME=DIR"

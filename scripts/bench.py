@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Benchmark VPT against plain Qwen2-VL on the same token sequences, and against the upstream VPT design.
+"""Benchmark VPT against its plain base model (Qwen2-VL or Qwen2.5-VL) on the same token sequences, and against the
+upstream VPT design.
 
 For each variant (``region``: region-selection tokens and a crop; ``dino`` / ``sam`` / ``clip``: an action triple
-and a re-encoded image) one process builds a VPT model with random weights and a plain
-`Qwen2VLForConditionalGeneration` holding the same text and vision weights (the state dict is copied; only the
-branch modules are left out), then measures, with the two sides alternating within every repetition:
+and a re-encoded image) one process builds a VPT model of ``--base`` with random weights and the base's stock model
+(`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`) holding the same text and vision weights
+(the state dict is copied; only the branch modules are left out), then measures, with the two sides alternating
+within every repetition:
 
 * ``train_step_s``: forward + backward (no optimizer) on a training batch in the released layout: system turn, user
   turn with an image and a question, assistant action triple or region span, user turn with the extra image's pads,
@@ -38,9 +40,11 @@ the same weights: pass 1 and pass 2 each over every input column (no prefix reus
 generation two decoder passes and two ``copy.deepcopy`` of the KV cache on every decode step, re-feeding the last two
 tokens after an action token. Its ratios use the same plain figures.
 
-Sizes: ``tiny`` (default; the tiny test configs, CPU) or ``2b`` / ``7b`` (the public Qwen2-VL, DINOv2-large and SAM
-ViT-L configs from configs/models/, random weights; bf16 on a GPU when one is present, float32 on CPU). ``--layers``
-and ``--encoder-layers`` cut the depth at real widths for a CPU smoke run.
+Bases (``--base``): those of `transformers_vpt.models.bases` (``qwen2_vl``, the default, and ``qwen2_5_vl``). Sizes:
+``tiny`` (default; the tiny test configs of the base, CPU) or a real size of the base (``2b`` / ``7b`` for Qwen2-VL,
+``3b`` / ``7b`` for Qwen2.5-VL: the public configs in configs/models/ with DINOv2-large and SAM ViT-L, random weights;
+bf16 on a GPU when one is present, float32 on CPU). ``--layers`` and ``--encoder-layers`` cut the depth at real
+widths for a CPU smoke run.
 """
 
 from __future__ import annotations
@@ -67,32 +71,28 @@ from tqdm import tqdm
 from transformers import (
     GenerationMixin,
     LogitsProcessorList,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
+    PretrainedConfig,
+    PreTrainedModel,
     StoppingCriteria,
     StoppingCriteriaList,
 )
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_utils import no_init_weights
-from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLPreTrainedModel
 
-from transformers_vpt import (
-    VPT_Qwen2VLConfig,
-    VPT_Qwen2VLForConditionalGeneration,
-    VPTCausalLMOutputWithPast,
-)
+from transformers_vpt import VPTCausalLMOutputWithPast
 from transformers_vpt.files import write_json
 from transformers_vpt.generation import ForceTokenAtStepLogitsProcessor
+from transformers_vpt.models.bases import VPT_BASES, VPTBase, base_of, get_base
 from transformers_vpt.models.qwen2_vl_vpt.modeling_qwen2_vl_vpt import (
     EXTRA_IMAGE_INPUTS,
 )
-from transformers_vpt.models.qwen2_vl_vpt.processing_qwen2_vl_vpt import (
+from transformers_vpt.models.vpt.processing_vpt import (
     DEFAULT_DETECTION_PROCESSOR_CONFIG,
     DEFAULT_SEG_PROCESSOR_CONFIG,
 )
 from transformers_vpt.perception import BRANCHES, ENCODED_IMAGES
 from transformers_vpt.tiny import build_tiny_tokenizer
-from transformers_vpt.tiny.model import TINY_DINO, TINY_SAM, TINY_TEXT, TINY_VISION
+from transformers_vpt.tiny.model import TINY_BASES, TINY_DINO, TINY_SAM, TINY_TEXT
 from transformers_vpt.tiny.processor import (
     TINY_DETECTION_PROCESSOR_CONFIG,
     TINY_SEG_PROCESSOR_CONFIG,
@@ -125,24 +125,26 @@ FIGURES = {
     "decode_tokens_per_s": (">=", 0.95),
     "round2_prefill_s": ("<=", 1.15),
 }
-QWEN2_VL_FIRST_SPECIAL_ID = 151643  # <|endoftext|>; Qwen2-VL's 14 special tokens, then the VPT tokens
+QWEN2_VL_FIRST_SPECIAL_ID = 151643  # <|endoftext|>; Qwen2-VL's 14 special tokens (Qwen2.5-VL's too), then VPT's
 QUESTION_TOKENS = 32
 FORCED_STEP = 1  # the action start is the second generated token
 
 
 # ---------------------------------------------------------------------------------------------------- the upstream design
-class UpstreamDesign(Qwen2VLPreTrainedModel, GenerationMixin):
+class UpstreamDesign(GenerationMixin):
     """The released implementation's two-pass design, same numerics as VPT (mask modelling aside), upstream's work.
 
-    It holds a VPT model (the same modules and weights: nothing is copied) and runs its steps through the model's
-    public methods. Every forward runs pass 1 and pass 2 over all of its input columns, each on a `copy.deepcopy` of
+    It holds a VPT model of any base (the same modules and weights: nothing is copied) and runs its steps through the
+    model's public methods. `upstream_view` makes the wrapper a model of the VPT model's base (this class over the
+    base's ``PreTrainedModel`` class, e.g. `Qwen2_5_VLPreTrainedModel`), so that its attention and generation settings
+    are the base's. Every forward runs pass 1 and pass 2 over all of its input columns, each on a `copy.deepcopy` of
     the KV cache, so training and prefill run the decoder twice over the whole sequence and each decode step runs it
     twice and copies the cache twice. A decode step whose new token is `<|x_action|>` drops the cached
     `<|x_action_start|>` and re-feeds the last two tokens, so that pass 1 recomputes the control state. The loss
     takes full float32 logits, as upstream.
     """
 
-    def __init__(self, vpt: VPT_Qwen2VLForConditionalGeneration):
+    def __init__(self, vpt: PreTrainedModel):
         super().__init__(vpt.config)
         self.vpt = vpt
         self.generation_config = vpt.generation_config
@@ -170,9 +172,10 @@ class UpstreamDesign(Qwen2VLPreTrainedModel, GenerationMixin):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if position_ids is None:
+        if position_ids is None:  # the base's further rope inputs (Qwen2.5-VL: second_per_grid_ts) as keywords
+            rope_inputs = {name: kwargs.get(name) for name in model.rope_index_inputs}
             position_ids = model.get_position_ids(input_ids, attention_mask, image_grid_thw, None, cache_position,
-                                                  past_length)
+                                                  past_length, **rope_inputs)
         if cache_position is None:
             cache_position = torch.arange(past_length, past_length + input_ids.shape[1], device=input_ids.device)
         decode = partial(model.language_model, attention_mask=attention_mask, position_ids=position_ids,
@@ -204,14 +207,30 @@ class UpstreamDesign(Qwen2VLPreTrainedModel, GenerationMixin):
                                          rope_deltas=model.rope_deltas, last_hidden_state=hidden_states[:, -1])
 
 
-def upstream_view(model: VPT_Qwen2VLForConditionalGeneration) -> UpstreamDesign:
-    """The upstream design over the modules and weights of `model` (shared, nothing is duplicated)."""
-    return UpstreamDesign(model)
+def pretrained_class(base: VPTBase) -> type[PreTrainedModel]:
+    """The base's ``PreTrainedModel`` class (`Qwen2VLPreTrainedModel`, `Qwen2_5_VLPreTrainedModel`): the first class
+    of its stock model's bases that derives from `PreTrainedModel`."""
+    return next(cls for cls in base.stock_model_class.__bases__ if issubclass(cls, PreTrainedModel))
+
+
+_UPSTREAM_CLASSES: dict[str, type] = {}
+
+
+def upstream_view(model: PreTrainedModel) -> UpstreamDesign:
+    """The upstream design over the modules and weights of the VPT `model` of any base (shared, nothing is
+    duplicated): an `UpstreamDesign` that is also a model of the base (see `UpstreamDesign`)."""
+    base = base_of(model.config.model_type)
+    if base.name not in _UPSTREAM_CLASSES:
+        _UPSTREAM_CLASSES[base.name] = type(
+            f"UpstreamDesign_{base.name}", (UpstreamDesign, pretrained_class(base)), {"__module__": __name__}
+        )
+    return _UPSTREAM_CLASSES[base.name](model)
 
 
 # ---------------------------------------------------------------------------------------------------- models
 def vocabulary(size: str) -> dict[str, int]:
-    """Token ids: the tiny tokenizer's, or for real sizes Qwen2-VL's special ids followed by the VPT tokens."""
+    """Token ids: the tiny tokenizer's, or for real sizes Qwen2-VL's special ids (Qwen2.5-VL's are the same) followed
+    by the VPT tokens."""
     if size == "tiny":
         return build_tiny_tokenizer().get_vocab()
     special, normal = vpt_tokens(BRANCH_KINDS)
@@ -230,13 +249,28 @@ def token_id_fields(vocab: dict[str, int]) -> dict[str, int]:
     return fields
 
 
-def build_config(args, variant: str, vocab: dict[str, int]) -> VPT_Qwen2VLConfig:
+def real_size_file(base: VPTBase, size: str) -> Path:
+    """The public config of ``base`` at ``size`` in configs/models/ (``qwen2-vl-2b-instruct.json``,
+    ``qwen2.5-vl-3b-instruct.json``, ...)."""
+    return MODELS / f"{base.label.lower()}-{size}-instruct.json"
+
+
+def real_sizes(base: VPTBase) -> list[str]:
+    """The real sizes configs/models/ holds for ``base`` (``2b``, ``7b`` / ``3b``, ``7b``)."""
+    prefix = base.label.lower() + "-"
+    return sorted(path.name[len(prefix):].removesuffix("-instruct.json")
+                  for path in MODELS.glob(f"{prefix}*-instruct.json"))
+
+
+def build_config(args, variant: str, vocab: dict[str, int]) -> PretrainedConfig:
+    base = get_base(args.base)
     if args.size == "tiny":
-        fields = copy.deepcopy(dict(text_config=TINY_TEXT, vision_config=TINY_VISION, detection_config=TINY_DINO,
-                                    seg_config=TINY_SAM, seg_projector_stride=1, tie_word_embeddings=False))
+        fields = copy.deepcopy(dict(text_config=TINY_TEXT, vision_config=TINY_BASES[base.name][1],
+                                    detection_config=TINY_DINO, seg_config=TINY_SAM, seg_projector_stride=1,
+                                    tie_word_embeddings=False))
         text = fields["text_config"]
     else:
-        fields = json.loads((MODELS / f"qwen2-vl-{args.size}-instruct.json").read_text())
+        fields = json.loads(real_size_file(base, args.size).read_text())
         fields["detection_config"] = json.loads((MODELS / "dinov2-large.json").read_text())
         fields["seg_config"] = json.loads((MODELS / "sam-vit-large-vision.json").read_text())
         for sub in (fields, fields["detection_config"], fields["seg_config"]):
@@ -246,11 +280,13 @@ def build_config(args, variant: str, vocab: dict[str, int]) -> VPT_Qwen2VLConfig
     if args.layers:
         text["num_hidden_layers"] = args.layers
     if args.encoder_layers:
-        depth, seg = args.encoder_layers, fields["seg_config"]
-        fields["vision_config"]["depth"] = depth
+        depth, seg, vision = args.encoder_layers, fields["seg_config"], fields["vision_config"]
+        vision["depth"] = depth
         fields["detection_config"]["num_hidden_layers"] = seg["num_hidden_layers"] = depth
         seg["global_attn_indexes"] = [i for i in seg["global_attn_indexes"] if i < depth] or [depth - 1]
-    return VPT_Qwen2VLConfig(**{
+        if "fullatt_block_indexes" in vision:  # Qwen2.5-VL's full-attention blocks (the others use windows)
+            vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < depth] or [depth - 1]
+    return base.config_class(**{
         **fields, **token_id_fields(vocab),
         "vision_encoder_ls": [] if variant == "region" else [variant],
         "num_inner_forward_run": 2,
@@ -259,20 +295,24 @@ def build_config(args, variant: str, vocab: dict[str, int]) -> VPT_Qwen2VLConfig
     })
 
 
-def plain_config(config: VPT_Qwen2VLConfig) -> Qwen2VLConfig:
+def plain_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The stock config of the VPT ``config``'s base with its text and vision configs and token ids."""
     keys = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "tie_word_embeddings")
-    return Qwen2VLConfig(text_config=config.text_config.to_dict(), vision_config=config.vision_config.to_dict(),
-                         **{key: getattr(config, key) for key in keys})
+    stock_config_class = base_of(config.model_type).stock_model_class.config_class
+    return stock_config_class(text_config=config.text_config.to_dict(), vision_config=config.vision_config.to_dict(),
+                              **{key: getattr(config, key) for key in keys})
 
 
 def build_models(args, variant: str, vocab: dict[str, int], device: torch.device, dtype: torch.dtype):
-    """(plain, vpt): random VPT weights, and plain Qwen2-VL with the same text and vision weights; vision frozen."""
+    """(plain, vpt): random VPT weights of ``--base``, and the base's stock model with the same text and vision
+    weights; vision frozen."""
     config = build_config(args, variant, vocab)
+    base = get_base(args.base)
     torch.manual_seed(args.seed)
     with torch.device(device):
-        vpt = VPT_Qwen2VLForConditionalGeneration(config).to(dtype)
+        vpt = base.model_class(config).to(dtype)
         with no_init_weights():  # every weight is copied from the VPT model below
-            plain = Qwen2VLForConditionalGeneration(plain_config(config)).to(dtype)
+            plain = base.stock_model_class(plain_config(config)).to(dtype)
     plain.tie_weights()  # skipped by no_init_weights
     branch_modules = tuple(
         f"model.{name}." for branch in vpt.vpt_branches for name in (branch.encoder_attr, branch.projector_attr) if name
@@ -310,7 +350,8 @@ def shapes(args) -> Shapes:
 
 
 def qwen_image(side: int, config, generator) -> tuple[torch.Tensor, list[int], int]:
-    """Random patches of a side x side image in Qwen2-VL's format, its (t, h, w) grid and its number of tokens."""
+    """Random patches of a side x side image in Qwen2-VL's format (Qwen2.5-VL's too), its (t, h, w) grid and its
+    number of tokens."""
     vision = config.vision_config
     grid = side // vision.patch_size
     patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
@@ -397,7 +438,7 @@ def make_inputs(variant: str, config, vocab: dict[str, int], shape: Shapes, seq_
 
 
 def without_extra(inputs: dict) -> dict:
-    """Plain Qwen2-VL's view of a batch: the same tokens, no extra-image inputs."""
+    """The plain base model's view of a batch: the same tokens, no extra-image inputs."""
     return {key: value for key, value in inputs.items() if key not in EXTRA_IMAGE_INPUTS}
 
 
@@ -611,8 +652,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--size", choices=("tiny", "2b", "7b"), default="tiny",
-                        help="tiny test configs, or the real Qwen2-VL size with random weights (default: tiny)")
+    parser.add_argument("--base", choices=list(VPT_BASES), default="qwen2_vl",
+                        help="the base of the VPT model and the plain side's stock model: "
+                             + ", ".join(f"{name} ({base.label})" for name, base in VPT_BASES.items())
+                             + " (default: qwen2_vl)")
+    sizes = sorted({size for base in VPT_BASES.values() for size in real_sizes(base)})
+    parser.add_argument("--size", choices=("tiny", *sizes), default="tiny",
+                        help="tiny test configs, or a real size of the base with random weights: "
+                             + "; ".join(f"{base.label} {', '.join(real_sizes(base))}" for base in VPT_BASES.values())
+                             + " (default: tiny)")
     parser.add_argument("--layers", type=int, help="decoder layers (default: the size's own)")
     parser.add_argument("--encoder-layers", type=int,
                         help="layers of the vision tower, DINOv2 and SAM (default: the size's own)")
@@ -635,6 +683,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="also write the entries as JSON to this file")
     args = parser.parse_args(argv)
     real = args.size != "tiny"
+    if real and args.size not in real_sizes(VPT_BASES[args.base]):
+        parser.error(f"--size {args.size} is not a size of {VPT_BASES[args.base].label}: choose tiny or "
+                     f"{' or '.join(real_sizes(VPT_BASES[args.base]))}")
     args.seq_len = args.seq_len or (1024 if real else 256)
     args.image_size = args.image_size or (336 if real else 56)
     if args.image_size % 28:
@@ -657,8 +708,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     vocab = vocabulary(args.size)
     print(f"Machine: {machine_description(device, dtype)}")
-    print(f"Setup: size {args.size}, layers {args.layers or 'all'}, encoder layers {args.encoder_layers or 'all'}, "
-          f"seq-len {args.seq_len}, batch {args.batch_size}, image {args.image_size}px, {args.new_tokens} new tokens, "
+    print(f"Setup: base {args.base}, size {args.size}, layers {args.layers or 'all'}, "
+          f"encoder layers {args.encoder_layers or 'all'}, seq-len {args.seq_len}, batch {args.batch_size}, image {args.image_size}px, {args.new_tokens} new tokens, "
           f"para-mask-ratio {args.para_mask_ratio}, {args.warmup} warm-up + {args.repeats} repeats (medians)")
     entries = []
     with tqdm(total=len(args.variants) * (len(FIGURES) + 1), desc="measurements", disable=None) as progress:

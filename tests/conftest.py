@@ -13,17 +13,24 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def vpt(tmp_path_factory):
-    """A saved tiny VPT model (all branches): (directory, processor)."""
-    directory = tmp_path_factory.mktemp("models") / "vpt"
-    _, processor = build_tiny_vpt(save_dir=directory)
+def base(request):
+    """The base of the tiny models of `vpt` and `pipeline`: ``qwen2_vl``, unless the test runs them on every base
+    with ``@pytest.mark.parametrize("base", BASES, indirect=True)``."""
+    return getattr(request, "param", "qwen2_vl")
+
+
+@pytest.fixture(scope="module")
+def vpt(base, tmp_path_factory):
+    """A saved tiny VPT model of `base` (all branches): (directory, processor)."""
+    directory = tmp_path_factory.mktemp(f"models-{base}") / "vpt"
+    _, processor = build_tiny_vpt(save_dir=directory, base=base)
     return directory, processor
 
 
 @pytest.fixture(scope="module")
-def pipeline():
-    """A `VPTPipeline` over the tiny VPT model (all branches) and its processor."""
-    return VPTPipeline(*build_tiny_vpt())
+def pipeline(base):
+    """A `VPTPipeline` over the tiny VPT model of `base` (all branches) and its processor."""
+    return VPTPipeline(*build_tiny_vpt(base=base))
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""scripts/bench.py: the JSON report, and the upstream design doing upstream's work with VPT's numerics."""
+"""scripts/bench.py on every base: the JSON report, and the upstream design doing upstream's work with VPT's
+numerics."""
 
 from __future__ import annotations
 
@@ -6,17 +7,21 @@ import json
 
 import pytest
 import torch
+from utils import BASES
 
 from scripts import bench
 from transformers_vpt.generation import ForceTokenAtStepLogitsProcessor
+from transformers_vpt.models.bases import VPT_BASES, base_of
 
 SEQ_LEN = 96
 CPU = torch.device("cpu")
 
 
-def test_report_has_every_figure_and_variant(tmp_path, capsys):
+@pytest.mark.parametrize("base", BASES)
+def test_report_has_every_figure_and_variant(base, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    bench.main(["--repeats", "1", "--warmup", "0", "--seq-len", str(SEQ_LEN), "--new-tokens", "4", "--out", str(out)])
+    bench.main(["--base", base, "--repeats", "1", "--warmup", "0", "--seq-len", str(SEQ_LEN), "--new-tokens", "4",
+                "--out", str(out)])
     entries = json.loads(out.read_text())
     expected = {(figure, variant) for figure in bench.FIGURES for variant in (*bench.VARIANTS, bench.UPSTREAM)}
     assert sorted((e["figure"], e["variant"]) for e in entries) == sorted(expected)
@@ -26,11 +31,32 @@ def test_report_has_every_figure_and_variant(tmp_path, capsys):
         assert entry["ratio"] == pytest.approx(entry["vpt"] / entry["plain"])
     printed = capsys.readouterr().out
     assert "Machine:" in printed and all(figure in printed for figure in bench.FIGURES)
+    assert f"Setup: base {base}, size tiny" in printed
 
 
-@pytest.fixture(scope="module")
-def dino():
-    args = bench.parse_args(["--seq-len", str(SEQ_LEN)])
+def test_real_sizes_of_each_base():
+    """The public configs of each base's sizes, cut in depth (Qwen2.5-VL keeps a full-attention block); built on the
+    meta device, the plain side is the base's stock model; a size the base does not have is refused."""
+    assert {name: bench.real_sizes(base) for name, base in VPT_BASES.items()} == {
+        "qwen2_vl": ["2b", "7b"], "qwen2_5_vl": ["3b", "7b"]
+    }
+    vocab = bench.vocabulary("2b")
+    for name, size, hidden in (("qwen2_vl", "2b", 1536), ("qwen2_5_vl", "3b", 2048), ("qwen2_5_vl", "7b", 3584)):
+        args = bench.parse_args(["--base", name, "--size", size, "--layers", "1", "--encoder-layers", "2"])
+        config = bench.build_config(args, "dino", vocab)
+        assert type(config) is VPT_BASES[name].config_class and config.text_config.hidden_size == hidden
+        assert config.text_config.num_hidden_layers == 1 and config.vision_config.depth == 2
+        if name == "qwen2_5_vl":
+            assert config.vision_config.fullatt_block_indexes == [1]
+        plain, vpt = bench.build_models(args, "dino", vocab, torch.device("meta"), torch.float32)
+        assert type(plain) is VPT_BASES[name].stock_model_class and type(vpt) is VPT_BASES[name].model_class
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--base", "qwen2_vl", "--size", "3b"])
+
+
+@pytest.fixture(scope="module", params=BASES)
+def dino(request):
+    args = bench.parse_args(["--base", request.param, "--seq-len", str(SEQ_LEN)])
     vocab = bench.vocabulary("tiny")
     plain, vpt = bench.build_models(args, "dino", vocab, CPU, torch.float32)
     inputs = bench.make_inputs("dino", vpt.config, vocab, bench.shapes(args), SEQ_LEN, 2, seed=0)
@@ -62,7 +88,9 @@ def test_upstream_design_shares_the_vpt_modules(dino):
     upstream = bench.upstream_view(vpt)
     assert upstream.vpt is vpt
     assert {id(p) for p in upstream.parameters()} == {id(p) for p in vpt.parameters()}
-    assert type(vpt) is bench.VPT_Qwen2VLForConditionalGeneration  # no class swap
+    base = base_of(vpt.config.model_type)
+    assert type(vpt) is base.model_class  # no class swap
+    assert isinstance(upstream, bench.pretrained_class(base))  # a model of the base (its attention settings)
 
 
 def test_upstream_training_step_runs_two_full_passes(dino):

@@ -1,19 +1,20 @@
-"""vpt-cli on a saved tiny model: infer output, --save-boxes, help texts."""
+"""vpt-cli on a saved tiny model of every base: infer output, --save-boxes, help texts."""
 
 from __future__ import annotations
 
 import pytest
 from PIL import Image
-from utils import SPAN_A, make_image, script_pipeline_runs
+from utils import BASES, SPAN_A, make_image, script_pipeline_runs
 
 from transformers_vpt.cli import main
 from transformers_vpt.tiny.assemble import build_tiny_vpt
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny_vpt")
-    build_tiny_vpt(save_dir=directory)
+@pytest.fixture(scope="module", params=BASES)
+def model_dir(request, tmp_path_factory):
+    """A saved tiny VPT model (all branches), once per base."""
+    directory = tmp_path_factory.mktemp(f"tiny_vpt_{request.param}")
+    build_tiny_vpt(save_dir=directory, base=request.param)
     return directory
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from transformers_vpt.models.bases import VPT_BASES
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,3 +37,18 @@ def test_quick_demo_runs_every_stage_and_reports(tmp_path):
         assert (out / name).stat().st_size > 0, name
     assert "| answer accuracy, synthetic_region_test |" in result.stdout  # the report is printed
     assert "Demo finished" in result.stdout
+
+
+def test_an_unknown_base_stops_before_anything_is_written(tmp_path):
+    """`--base` takes the bases of `transformers_vpt.models.bases`; another name is one line and exit status 2."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        ["bash", "scripts/demo.sh", "--no-install", "--base", "qwen3_vl", "--out-dir", str(tmp_path / "demo")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 2
+    known = ", ".join(VPT_BASES)
+    assert result.stderr.strip().splitlines()[-1] == f"demo.sh: unknown --base 'qwen3_vl'; choose from {known}"
+    assert not (tmp_path / "demo").exists()
+    usage = subprocess.run(["bash", "scripts/demo.sh", "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "--base BASE" in usage.stdout

@@ -1,5 +1,6 @@
-"""The evaluation driver on tiny CPU models: every released split kind and route, the Qwen2-VL baseline, broken
-records, resume after a kill, the LLM judge on a local server, region-token accuracy, the reports and the CLI."""
+"""The evaluation driver on tiny CPU models: every released split kind and route, the Qwen2-VL baseline, Qwen2.5-VL
+VPT and baseline models, broken records, resume after a kill, the LLM judge on a local server, region-token accuracy,
+the reports and the CLI."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from evaluation.storage import AnswerLog
 from transformers_vpt.pipeline import VPTPipeline
 from transformers_vpt.regions import box_to_region_text
 from transformers_vpt.tiny import synthetic as synth
-from transformers_vpt.tiny.assemble import build_tiny_qwen2_vl, build_tiny_vpt
+from transformers_vpt.tiny.assemble import build_tiny_base, build_tiny_qwen2_vl, build_tiny_vpt
 from transformers_vpt.vocabulary import BRANCH_TOKENS, REENCODE_TRIGGER, REGION_TRIGGER
 
 DET, SEG, CLIP = BRANCH_TOKENS["dino"], BRANCH_TOKENS["sam"], BRANCH_TOKENS["clip"]
@@ -251,6 +252,38 @@ def test_baseline_judge_and_reports(vpt_run, data, models, tmp_path, monkeypatch
     assert usage_md in markdown and "| qwen2vl | POPE_action_test | 5 | 0 (0%) |" in usage_md
 
 
+def test_qwen2_5_vl_vpt_and_baseline(vpt_run, data, tmp_path):
+    """A Qwen2.5-VL VPT model takes the same routes on every split as the Qwen2-VL one (same scripts, same round-1
+    texts, boxes and round-2 prompts); a plain Qwen2.5-VL checkpoint is the one-round baseline."""
+    data_dir, scripts, expected = data
+    root = tmp_path / "models"
+    _, processor = build_tiny_vpt(save_dir=root / "vpt25", base="qwen2_5_vl")
+    _, plain_processor = build_tiny_base("qwen2_5_vl", save_dir=root / "qwen25")
+    out = tmp_path / "run"
+    results, _ = ev.evaluate(eval_config(data_dir, out, root / "vpt25"), scripted(processor, scripts))
+    keys = ("index", "action", "round1_text", "boxes", "round2_prompt", "prompt")
+    for dataset in RELEASED_TEST_SETS:
+        ours = read_jsonl(out / "vpt25" / dataset / "answers.jsonl")
+        theirs = read_jsonl(vpt_run[0] / "vpt" / dataset / "answers.jsonl")
+        assert [{k: a[k] for k in keys} for a in ours] == [{k: a[k] for k in keys} for a in theirs]
+        assert results["vpt25"][dataset]["answered"] == GOOD_RECORDS[dataset]
+
+    answers = {f"[q{k:02d}]": answer for k, (_, answer) in enumerate(expected.values())}
+    datasets = ["GQA_region_test", "POPE_action_test"]
+    cfg = eval_config(data_dir, out, root / "vpt25", root / "qwen25", extra=["--datasets", *datasets])
+    results, _ = ev.evaluate(cfg, scripted(plain_processor, answers))  # the VPT model has nothing left to answer
+    assert {name: model["kind"] for name, model in load(out / "summary.json")["models"].items()} == {
+        "vpt25": "vpt",
+        "qwen25": "baseline",
+    }
+    for dataset in datasets:
+        rows = load(out / "qwen25" / dataset / "final_answers.json")
+        assert [(row["action"], row["answer"]) for row in rows] == [
+            ("none", expected[dataset, row["index"]][1]) for row in rows
+        ]
+        assert load(out / "qwen25" / dataset / "settings.json")["mode"] == "free"
+
+
 def test_resume_after_a_kill_matches_an_uninterrupted_run(data, models, tmp_path, monkeypatch):
     """Sampling (seeded per record): a run killed during its second batch, then resumed, equals a run never killed."""
     data_dir, scripts, _ = data
@@ -451,6 +484,15 @@ def test_usage_errors_and_nothing_to_evaluate(data, models, tmp_path, capsys):
     assert ev.main([*base, "--datasets", "NoSuch_test"]) == 2
     assert ev.main(["--model", str(tmp_path), *base[2:]]) == 2  # not a model directory
     assert ev.main([*base, "--model", f"vpt={models['qwen2vl'][0]}"]) == 2  # two models named vpt
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text('{"model_type": "llama"}')
+    capsys.readouterr()
+    assert ev.main(["--model", str(llama), *base[2:]]) == 2
+    assert (
+        "model_type 'llama' is neither a VPT model (qwen2_vl_vpt, vrt_qwen2_vl, qwen2_5_vl_vpt) nor a plain base "
+        "model (qwen2_vl, qwen2_5_vl)" in capsys.readouterr().err
+    )
 
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -1,12 +1,26 @@
-"""Two-round inference on tiny random models: every route, its round-2 inputs, batching, loading, crop paths."""
+"""Two-round inference on tiny random models of every base: every route, its round-2 inputs, batching, loading,
+crop paths."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from utils import BOX_A, BOX_B, BOX_C, MAX_SIDE, SPAN_A, SPAN_B, SPAN_C, expected_round2, make_image, scripted_kwargs
+from utils import (
+    BASES,
+    BOX_A,
+    BOX_B,
+    BOX_C,
+    MAX_SIDE,
+    SPAN_A,
+    SPAN_B,
+    SPAN_C,
+    expected_round2,
+    make_image,
+    scripted_kwargs,
+)
 
-from transformers_vpt.pipeline import VPTPipeline, build_user_text, cap_image, route
+from transformers_vpt.models.bases import VPT_BASES
+from transformers_vpt.pipeline import VPTPipeline, build_user_text, cap_image, load_pipeline, route
 from transformers_vpt.tiny.assemble import build_tiny_vpt
 from transformers_vpt.vocabulary import BRANCH_TOKENS, REENCODE_TRIGGER, REGION_TRIGGER
 
@@ -26,8 +40,10 @@ CASES = {
 SCRIPTS = {question: text for question, (text, _, _) in CASES.items()}
 
 
+@pytest.mark.parametrize("base", BASES, indirect=True)
 @pytest.mark.parametrize("question", list(CASES))
-def test_every_route(pipeline, generate_calls, question):
+def test_every_route(base, pipeline, generate_calls, question):
+    assert type(pipeline.model) is VPT_BASES[base].model_class
     round1, action, boxes = CASES[question]
     image = make_image()
     kwargs = scripted_kwargs(pipeline.processor, SCRIPTS)
@@ -52,9 +68,10 @@ def test_every_route(pipeline, generate_calls, question):
     assert result.answer == processor.decode(new_tokens, skip_special_tokens=True).strip()
 
 
-def test_unsupported_branch():
+@pytest.mark.parametrize("base", BASES)
+def test_unsupported_branch(base):
     """A model without SAM whose round 1 spells out the SAM action start keeps its round-1 text."""
-    model, processor = build_tiny_vpt(("dino", "clip"))
+    model, processor = build_tiny_vpt(("dino", "clip"), base=base)
     pipeline = VPTPipeline(model, processor)
     text = SEG.action_start + " red"
     assert SEG.action_start not in processor.tokenizer.get_vocab()  # emitted as plain byte-level pieces
@@ -63,6 +80,7 @@ def test_unsupported_branch():
     assert result.round2_prompt is None
 
 
+@pytest.mark.parametrize("base", BASES, indirect=True)
 def test_mixed_batches_equal_single_samples(pipeline):
     questions = list(CASES)
     images = [make_image(seed) for seed in range(len(questions))]
@@ -75,9 +93,13 @@ def test_mixed_batches_equal_single_samples(pipeline):
     assert all(r.answer for r in batched if r.round2_prompt)
 
 
-def test_from_pretrained_and_crop_paths(tmp_path, pipeline):
-    build_tiny_vpt(save_dir=tmp_path / "model")
-    loaded = VPTPipeline.from_pretrained(tmp_path / "model", device="cpu")
+@pytest.mark.parametrize("base", BASES, indirect=True)
+def test_from_pretrained_and_crop_paths(tmp_path, base, pipeline):
+    build_tiny_vpt(save_dir=tmp_path / "model", base=base)
+    loaded = load_pipeline(tmp_path / "model", device="cpu")
+    assert type(loaded) is VPTPipeline
+    assert type(loaded.model) is VPT_BASES[base].model_class
+    assert type(loaded.processor) is VPT_BASES[base].processor_class
     assert loaded.model.dtype == torch.float32 and loaded.branches == ["dino", "sam", "clip"]
     make_image().save(tmp_path / "image.png")
     kwargs = {"max_image_side": MAX_SIDE, "generation_kwargs": scripted_kwargs(pipeline.processor, SCRIPTS)}

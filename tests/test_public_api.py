@@ -13,8 +13,6 @@ from transformers import GenerationConfig, GenerationMixin, LogitsProcessor, Log
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLImagesKwargs
 from transformers.processing_utils import ProcessingKwargs
 
-from transformers_vpt.models.vpt.modeling_vpt import VPTForConditionalGenerationMixin
-from transformers_vpt.models.vpt.processing_vpt import VPTProcessorKwargs
 from transformers_vpt import VPT_Qwen2VLForConditionalGeneration, VPT_Qwen2VLProcessor
 from transformers_vpt.generation import (
     ForceTokenAtStepLogitsProcessor,
@@ -22,6 +20,8 @@ from transformers_vpt.generation import (
     VPTSuppressTokensLogitsProcessor,
 )
 from transformers_vpt.models.qwen2_vl_vpt.processing_qwen2_vl_vpt import VPT_Qwen2VLProcessorKwargs
+from transformers_vpt.models.vpt.modeling_vpt import VPTForConditionalGenerationMixin
+from transformers_vpt.models.vpt.processing_vpt import VPTProcessorKwargs
 from transformers_vpt.tiny.assemble import build_tiny_vpt
 
 torch.set_num_threads(1)

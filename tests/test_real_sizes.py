@@ -1,4 +1,5 @@
-"""The four released variants, built at real size on the meta device, have the published parameter counts."""
+"""The four released variants, built at real size on the meta device, have the published parameter counts; Qwen2.5-VL
+3B/7B with each branch have the public base sizes plus the branch (``pytest -s`` prints the counts)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from transformers_vpt import VPT_Qwen2VLConfig, VPT_Qwen2VLForConditionalGeneration
+from transformers_vpt.models.bases import VPT_BASES
 
 MODELS = Path(__file__).resolve().parents[1] / "configs" / "models"
 
@@ -44,3 +46,80 @@ def test_parameter_counts_match_the_published_sizes(base, encoder, published):
     # A state dict counts tied embeddings twice, as the published figures do.
     count = sum(t.numel() for t in model.state_dict().values()) + unused_released_layers(config, encoder)
     assert round(count / 1e9, 2) == published, count
+
+
+# --- Qwen2.5-VL: no released VPT checkpoints; the counts are the public base sizes plus the branches -------------------
+
+QWEN2_5_VL_BASE = {"3b": 3_754_622_976, "7b": 8_292_166_656}
+"""Parameters of stock Qwen2.5-VL-3B/7B-Instruct (tied embeddings counted once): the published 3.75B and 8.29B."""
+DINOV2_LARGE_PARAMETERS = 304_368_640  # DINOv2-large (ViT-L/14): the published 0.30B
+SAM_VIT_L_ENCODER_PARAMETERS = 308_278_272  # SAM ViT-L image encoder with its neck: 0.31B
+QWEN2_5_VL_VPT = {
+    ("3b", "dino"): 4_065_293_312,
+    ("3b", "sam"): 4_075_492_864,
+    ("3b", "clip"): 3_758_823_424,
+    ("7b", "dino"): 8_613_066_752,
+    ("7b", "sam"): 8_627_984_896,
+    ("7b", "clip"): 8_305_022_464,
+}
+"""Parameters of VPT Qwen2.5-VL-3B/7B with one branch, built here once and checked against the decomposition below."""
+
+
+def qwen2_5_vl_fields(size: str) -> dict:
+    fields = json.loads((MODELS / f"qwen2.5-vl-{size}-instruct.json").read_text())
+    fields.pop("model_type"), fields.pop("architectures")
+    return fields
+
+
+def projector_parameters(config, encoder: str) -> int:
+    """The branch's projector, counted from its definition (`perception.py`): the condition path LayerNorm(H) +
+    Linear(H, H), plus dino's LayerNorm(D) + Linear(D, H) or sam's channel LayerNorm(C) + Conv2d(C, H, k, k)."""
+    hidden = config.text_config.hidden_size
+    condition = 2 * hidden + hidden * hidden + hidden
+    if encoder == "dino":
+        width = config.detection_config.hidden_size
+        return condition + 2 * width + width * hidden + hidden
+    if encoder == "sam":
+        channels, kernel = config.seg_config.output_channels, config.seg_projector_stride
+        return condition + 2 * channels + channels * hidden * kernel * kernel + hidden
+    return condition
+
+
+def unique_parameters(model) -> int:
+    """Parameters counted once each (tied embeddings once), as the Qwen2.5-VL model cards report them."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("size", ["3b", "7b"])
+def test_qwen2_5_vl_base_sizes_are_the_published_ones(size):
+    base = VPT_BASES["qwen2_5_vl"]
+    with torch.device("meta"):
+        stock = base.stock_model_class(base.stock_model_class.config_class(**qwen2_5_vl_fields(size)))
+    count = unique_parameters(stock)
+    print(f"\nQwen2.5-VL-{size.upper()}-Instruct (stock): {count:,} parameters ({count / 1e9:.2f}B)")
+    assert count == QWEN2_5_VL_BASE[size]
+    assert round(count / 1e9, 2) == {"3b": 3.75, "7b": 8.29}[size]
+
+
+@pytest.mark.parametrize("size", ["3b", "7b"])
+@pytest.mark.parametrize("encoder", ["dino", "sam", "clip"])
+def test_qwen2_5_vl_vpt_parameter_counts(size, encoder):
+    base = VPT_BASES["qwen2_5_vl"]
+    detection = json.loads((MODELS / "dinov2-large.json").read_text())
+    seg = json.loads((MODELS / "sam-vit-large-vision.json").read_text())
+    detection.pop("model_type"), seg.pop("model_type")
+    config = base.config_class(**qwen2_5_vl_fields(size), detection_config=detection, seg_config=seg,
+                               vision_encoder_ls=[encoder], num_inner_forward_run=2)
+    with torch.device("meta"):
+        model = base.model_class(config)
+    count = unique_parameters(model)
+    encoder_module = {"dino": "detection_model", "sam": "seg_model"}.get(encoder)
+    encoder_count = unique_parameters(getattr(model.model, encoder_module)) if encoder_module else 0
+    projector = projector_parameters(config, encoder)
+    print(
+        f"\nVPT Qwen2.5-VL-{size.upper()} + {encoder}: {count:,} parameters ({count / 1e9:.2f}B) = base "
+        f"{QWEN2_5_VL_BASE[size]:,} + encoder {encoder_count:,} + projector {projector:,}"
+    )
+    assert encoder_count == {"dino": DINOV2_LARGE_PARAMETERS, "sam": SAM_VIT_L_ENCODER_PARAMETERS, "clip": 0}[encoder]
+    assert count == QWEN2_5_VL_BASE[size] + encoder_count + projector == QWEN2_5_VL_VPT[size, encoder]
+    assert (model.lm_head.weight is model.get_input_embeddings().weight) == (size == "3b")  # 3B ties, 7B does not

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from utils import SPAN_A, make_image, script_pipeline_runs, spy_generate
+from utils import BASES, SPAN_A, make_image, script_pipeline_runs, spy_generate
 
 from scripts import prepare_weights as prepare
 from transformers_vpt.cli import main as cli
 from transformers_vpt.errors import VPTUserError, run_cli
 from transformers_vpt.images import ImageLoadError, image_size, load_image
+from transformers_vpt.models.bases import VPT_BASES
 from transformers_vpt.pipeline import (
     BaselinePipeline,
     VPTPipeline,
@@ -24,7 +25,7 @@ from transformers_vpt.pipeline import (
     load_pipeline,
 )
 from transformers_vpt.regions import open_image
-from transformers_vpt.tiny.assemble import build_tiny_vpt
+from transformers_vpt.tiny.assemble import build_tiny_base, build_tiny_vpt
 from transformers_vpt.tiny.sources import build_sources
 from transformers_vpt.vocabulary import (
     BRANCH_TOKENS,
@@ -311,6 +312,7 @@ def test_cli_failures_are_one_line(tiny, sources, tmp_path, capsys):
         (infer(tmp_path / "missing-model", image), "does not exist"),
         (infer(tmp_path, image), "no config.json"),
         (infer(broken_model, image), "cannot load the model"),
+        (infer(sources["dino"], image), "holds a 'dinov2' model, which is neither a VPT model"),
         (["train", str(tmp_path / "missing.yaml")], "no such recipe file"),
     ]
     for argv, message in cases:
@@ -321,15 +323,24 @@ def test_cli_failures_are_one_line(tiny, sources, tmp_path, capsys):
         cli(["--debug", *infer(directory, tmp_path / "missing.png")])
 
 
-def test_plain_qwen2_vl_runs_as_the_baseline(sources, tmp_path, capsys):
+@pytest.mark.parametrize("base", BASES)
+def test_a_plain_base_model_runs_as_the_baseline(base, sources, tmp_path, capsys):
+    """A plain Qwen2-VL (the sources' one) or Qwen2.5-VL directory answers in one round, through its stock model
+    class and its base's VPT processor."""
+    plain = sources[base] if base in sources else tmp_path / "plain"
+    if base not in sources:
+        build_tiny_base(base, save_dir=plain)
+    entry = VPT_BASES[base]
     image = tmp_path / "image.png"
     make_image(size=(56, 56)).save(image)
-    assert cli(infer(sources["qwen2_vl"], image, "--mode", "region")) == 0
+    assert cli(infer(plain, image, "--mode", "region")) == 0
     out = capsys.readouterr().out
-    assert "plain Qwen2-VL checkpoint" in out and "Action: none" in out
-    assert isinstance(load_pipeline(sources["qwen2_vl"]), BaselinePipeline)
-    with pytest.raises(VPTUserError, match="plain qwen2_vl checkpoint"):
-        VPTPipeline.from_pretrained(sources["qwen2_vl"])
+    assert f"plain {entry.label} checkpoint" in out and "Action: none" in out
+    pipeline = load_pipeline(plain)
+    assert isinstance(pipeline, BaselinePipeline) and pipeline.progress_name == entry.label
+    assert type(pipeline.model) is entry.stock_model_class and type(pipeline.processor) is entry.processor_class
+    with pytest.raises(VPTUserError, match=f"plain {base} checkpoint"):
+        VPTPipeline.from_pretrained(plain)
 
 
 def test_run_cli_contract(capsys, monkeypatch):

@@ -34,7 +34,13 @@ def _add_infer(subparsers: argparse._SubParsersAction) -> None:
             "crops or re-encoding) in round 2, and print the answer, the action and the region boxes."
         ),
     )
-    parser.add_argument("--model", required=True, metavar="DIR", help="model directory (checkpoint and processor)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="model directory (checkpoint and processor): a VPT model of any supported base, or a plain base model "
+        "(e.g. Qwen2-VL-2B-Instruct), which answers in one round",
+    )
     parser.add_argument(
         "--image", required=True, metavar="IMG", help="image path; 'path_x0,y0,x1,y1' loads that crop of the image"
     )
@@ -144,7 +150,8 @@ def _infer(args: argparse.Namespace) -> int:
     pipeline = load_pipeline(args.model, dtype=args.dtype, device=device)
     mode = args.mode
     if isinstance(pipeline, BaselinePipeline):
-        print(f"Note: {args.model} is a plain Qwen2-VL checkpoint: answering in one round, without a trigger phrase")
+        label = pipeline.base.label if pipeline.base is not None else pipeline.model.config.model_type
+        print(f"Note: {args.model} is a plain {label} checkpoint: answering in one round, without a trigger phrase")
         mode = "free"
     (result,) = pipeline(
         [image],
@@ -201,7 +208,9 @@ def _run_llamafactory(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vpt-cli", description="Visual Perception Tokens for Qwen2-VL.")
+    parser = argparse.ArgumentParser(
+        prog="vpt-cli", description="Visual Perception Tokens for the Qwen-VL models."
+    )
     parser.add_argument(
         "--debug", action="store_true", help="show the full traceback of a failure (also: VPT_DEBUG=1)"
     )

@@ -19,8 +19,9 @@ span; an x-only span counts), the box is the released formula as is, and a recor
 
 A question given to `VPTPipeline.__call__` is user text: control-token strings and placeholders in it stay plain
 text (`vocabulary.literal_text`). `run` takes ready user turns (a dataset's first message) whose placeholders keep
-their meaning. `BaselinePipeline` runs a plain Qwen2-VL checkpoint in one round with the same interface, and
-`load_pipeline` picks the class from the checkpoint's config.
+their meaning. `BaselinePipeline` runs a plain base checkpoint (Qwen2-VL, Qwen2.5-VL: `BASELINE_MODEL_TYPES`) in one
+round with the same interface, and `load_pipeline` picks the class from the checkpoint's config. Every class of a
+checkpoint's base (model, VPT processor) comes from `transformers_vpt.models.bases`, by the config's `model_type`.
 
 Images load through `transformers_vpt.images` (viewer pixels, 8-bit RGB). Images and crops are downscaled (long
 side <= ``max_image_side``, NEAREST, as the released data pipeline) before the processor. Each image is loaded and resized once per call and reused in round 2. The vision tower still encodes
@@ -52,10 +53,8 @@ from .images import (
     fit_image,
     load_image,
 )
-from .models.qwen2_vl_vpt.processing_qwen2_vl_vpt import (
-    VPT_Qwen2VLProcessor,
-    strip_literal_markers,
-)
+from .models.bases import VPT_BASES, VPTBase, base_of
+from .models.vpt.processing_vpt import strip_literal_markers
 from .regions import Box, RegionSpan, SpanCells, crop_regions, find_spans, parse_regions, region_to_box
 from .vocabulary import (
     BRANCH_TOKENS,
@@ -67,15 +66,18 @@ from .vocabulary import (
 )
 
 __all__ = [
+    "BASELINE_MODEL_TYPES",
     "MODES",
     "ON_ERROR",
     "PROTOCOLS",
+    "VPT_MODEL_TYPES",
     "BaselinePipeline",
     "VPTPipeline",
     "VPTResult",
     "build_user_text",
     "cap_image",
     "load_pipeline",
+    "model_type_of",
     "route",
 ]
 
@@ -95,8 +97,11 @@ _TRIGGER_SUFFIX = {"region": " \n" + REGION_TRIGGER, "reencode": "\n" + REENCODE
 _REENCODE_MAX_SIDE = {"dino": IMAGE_RESOLUTION, "sam": SEG_IMAGE_RESOLUTION}
 _DEFAULT_GENERATION = {"do_sample": False, "max_new_tokens": 128}
 _ROUND_SEED_STRIDE = 1_000_003  # round 2 of a record draws from another stream than its round 1
-BASELINE_MODEL_TYPES = ("qwen2_vl",)
-"""Model types `load_pipeline` runs as the one-round baseline."""
+BASELINE_MODEL_TYPES = tuple(VPT_BASES)
+"""Model types `load_pipeline` runs as the one-round baseline: the stock type of every base (``qwen2_vl``,
+``qwen2_5_vl``)."""
+VPT_MODEL_TYPES = tuple(model_type for base in VPT_BASES.values() for model_type in base.model_types)
+"""Model types `VPTPipeline` runs: every base's VPT types (``qwen2_vl_vpt``, ``vrt_qwen2_vl``, ``qwen2_5_vl_vpt``)."""
 
 
 @dataclass
@@ -204,12 +209,24 @@ def _check_int(name: str, value: Any, low: int, none_ok: bool = False) -> None:
         raise ValueError(f"{name} must be an integer >= {low}{' or None' if none_ok else ''}, got {value!r}")
 
 
+def base_of_checkpoint(path: str | os.PathLike, model_type: str) -> VPTBase:
+    """The base of a checkpoint of ``model_type``; a clear error when it is no base's (stock or VPT) type."""
+    base = base_of(model_type)
+    if base is None:
+        raise VPTUserError(
+            f"{path} holds a {model_type!r} model, which is neither a VPT model ({', '.join(VPT_MODEL_TYPES)}) nor a "
+            f"plain base model ({', '.join(BASELINE_MODEL_TYPES)})"
+        )
+    return base
+
+
 class VPTPipeline:
     """Two-round VPT inference over images and questions, batched.
 
     Args:
-        model: A `VPT_Qwen2VLForConditionalGeneration` (any device and dtype).
-        processor: The matching `VPT_Qwen2VLProcessor`.
+        model: A VPT model of any base (`VPT_Qwen2VLForConditionalGeneration`,
+            `VPT_Qwen2_5_VLForConditionalGeneration`), on any device and dtype.
+        processor: The matching VPT processor (`VPT_Qwen2VLProcessor`, `VPT_Qwen2_5_VLProcessor`).
     """
 
     progress_name = "VPT"
@@ -221,11 +238,14 @@ class VPTPipeline:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: Any = "auto", device: str | torch.device | None = None):
         """Load the model and processor saved in ``path`` (a released checkpoint or a ``save_pretrained`` dir)."""
-        cls._check_model_type(path, model_type_of(path))
+        model_type = model_type_of(path)
+        base = base_of_checkpoint(path, model_type)
+        cls._check_model_type(path, model_type)
         try:
             model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-            # The VPT processor class directly: a released checkpoint's processor config may name Qwen2VLProcessor.
-            processor = VPT_Qwen2VLProcessor.from_pretrained(path)
+            # The base's VPT processor class directly: a released checkpoint's processor config may name the stock
+            # processor (Qwen2VLProcessor), and a plain checkpoint's always does.
+            processor = base.processor_class.from_pretrained(path)
         except Exception as error:  # truncated weights, wrong shapes, ... fail with many types (SafetensorError)
             raise VPTUserError(f"cannot load the model in {path}: {one_line(error)}") from error
         if device is not None:
@@ -239,6 +259,11 @@ class VPTPipeline:
                 f"{path} is a plain {model_type} checkpoint without perception tokens; run it with BaselinePipeline "
                 "(one round), or load_pipeline, which picks the class"
             )
+
+    @property
+    def base(self) -> VPTBase | None:
+        """The model's base (`transformers_vpt.models.bases`; None for a model of no known base)."""
+        return base_of(self.model.config.model_type)
 
     @property
     def branches(self) -> list[str]:
@@ -484,13 +509,17 @@ def _released_crops(
 
 
 class BaselinePipeline(VPTPipeline):
-    """A plain Qwen2-VL checkpoint in one round, with `VPTPipeline`'s interface, images and user-text rules.
+    """A plain base checkpoint (Qwen2-VL, Qwen2.5-VL) in one round, with `VPTPipeline`'s interface, images and
+    user-text rules.
 
     The evaluation gives it the question without the trigger phrase (the phrases ask for perception tokens a plain
-    Qwen2-VL does not have); its results carry action ``"none"``.
+    model does not have); its results carry action ``"none"``. The model is the base's stock class, the processor
+    the base's VPT processor (for the user-text rule; a plain tokenizer has no VPT tokens to expand).
     """
 
-    progress_name = "Qwen2-VL"
+    @property
+    def progress_name(self) -> str:
+        return self.base.label if self.base is not None else "baseline"
 
     @classmethod
     def _check_model_type(cls, path, model_type: str) -> None:
@@ -523,7 +552,7 @@ class BaselinePipeline(VPTPipeline):
 
 
 def load_pipeline(path: str | os.PathLike, dtype: Any = "auto", device: str | torch.device | None = None):
-    """`BaselinePipeline` for a plain Qwen2-VL checkpoint, else `VPTPipeline`."""
+    """`BaselinePipeline` for a plain base checkpoint (`BASELINE_MODEL_TYPES`), else `VPTPipeline`."""
     kind = BaselinePipeline if model_type_of(path) in BASELINE_MODEL_TYPES else VPTPipeline
     return kind.from_pretrained(path, dtype=dtype, device=device)
 

@@ -1,11 +1,15 @@
-"""The initial VPT checkpoint from local Qwen2-VL, DINOv2 and SAM directories (Hugging Face format).
+"""The initial VPT checkpoint from a local base model (Qwen2-VL or Qwen2.5-VL) and DINOv2 / SAM directories (Hugging
+Face format).
 
-`prepare_weights` writes one `qwen2_vl_vpt` model: Qwen2-VL's weights, the DINOv2 weights as `detection_model.*`,
-SAM's `vision_encoder.*` as `seg_model.*`, freshly initialised projectors, and the encoder configs taken from their
+`prepare_weights` writes one VPT model of the base (`qwen2_vl_vpt` or `qwen2_5_vl_vpt`, the bases of
+`transformers_vpt.models.bases.VPT_BASES`): the base's weights, the DINOv2 weights as `detection_model.*`, SAM's
+`vision_encoder.*` as `seg_model.*`, freshly initialised projectors, and the encoder configs taken from their
 directories. Next to it: the tokenizer with the VPT tokens added (their embedding rows set to the mean embedding)
-and a `VPT_Qwen2VLProcessor` whose DINOv2/SAM preprocessing is read from the encoders' `preprocessor_config.json`
-(the released preprocessing when absent). Everything loads with `from_pretrained`; nothing is downloaded. Before
-loading anything it checks each source's `model_type`, the output directory, and every tensor's shape.
+and the base's VPT processor (`VPT_Qwen2VLProcessor`, `VPT_Qwen2_5_VLProcessor`) whose DINOv2/SAM preprocessing is
+read from the encoders' `preprocessor_config.json` (the released preprocessing when absent). Everything loads with
+`from_pretrained`; nothing is downloaded. The base is the one the base directory's ``config.json`` declares
+(``model_type`` ``qwen2_vl`` or ``qwen2_5_vl``); a ``base`` given explicitly must agree with it. Before loading
+anything it checks each source's `model_type`, the output directory, and every tensor's shape.
 
 The command line is ``scripts/prepare_weights.py``.
 """
@@ -19,16 +23,12 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoProcessor, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.modeling_utils import load_state_dict
 
 from .errors import VPTUserError, one_line
-from .models.qwen2_vl_vpt import VPT_Qwen2VLConfig, VPT_Qwen2VLForConditionalGeneration
-from .models.qwen2_vl_vpt.processing_qwen2_vl_vpt import (
-    DEFAULT_DETECTION_PROCESSOR_CONFIG,
-    DEFAULT_SEG_PROCESSOR_CONFIG,
-    VPT_Qwen2VLProcessor,
-)
+from .models.bases import VPT_BASES, VPTBase, base_of
+from .models.vpt.processing_vpt import DEFAULT_DETECTION_PROCESSOR_CONFIG, DEFAULT_SEG_PROCESSOR_CONFIG
 from .perception import BRANCHES
 from .vocabulary import add_vpt_tokens, init_added_token_rows, normalize_encoder_list
 
@@ -37,27 +37,75 @@ logger = logging.getLogger(__name__)
 SAM_VISION_PREFIX = "vision_encoder."
 DINOV2_TASK_PREFIX = "dinov2."  # checkpoints saved from a DINOv2 task model (e.g. Dinov2ForImageClassification)
 QWEN_CONFIG_KEYS_DROPPED = ("model_type", "architectures", "transformers_version")
-SOURCE_MODEL_TYPES = {"qwen2_vl": ("qwen2_vl",), "dino": ("dinov2",), "sam": ("sam",)}
-"""The ``model_type`` each source directory must declare."""
+SOURCE_MODEL_TYPES = {"dino": ("dinov2",), "sam": ("sam",), **{name: (name,) for name in VPT_BASES}}
+"""The ``model_type`` each source directory must declare: an encoder's, or a base's (its stock type)."""
+BASE_MODEL_FLAG = "--base-model"
+"""The command-line flag of the base model's directory, for every base."""
 SOURCE_FLAGS = {"qwen2_vl": "--qwen2-vl", "dino": "--dino", "sam": "--sam"}
+"""The command-line flag of each source that has its own (other bases: `BASE_MODEL_FLAG`)."""
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
-def check_source(kind: str, directory: str | os.PathLike) -> None:
-    """A clear error unless ``directory`` is a local checkpoint directory of the right kind for ``kind``."""
-    flag, path = SOURCE_FLAGS[kind], Path(directory)
+def source_flag(kind: str) -> str:
+    """The command-line flag that names the source ``kind`` (an encoder or a base) in messages."""
+    return SOURCE_FLAGS.get(kind, BASE_MODEL_FLAG)
+
+
+def source_model_type(directory: str | os.PathLike, flag: str) -> str | None:
+    """The ``model_type`` of a local checkpoint directory; a clear error (naming ``flag``) when it is none."""
+    path = Path(directory)
     if not path.is_dir():
         raise VPTUserError(f"{flag} {directory}: no such directory")
     try:
-        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
     except FileNotFoundError:
         raise VPTUserError(f"{flag} {directory} is not a model directory (no config.json)") from None
     except (OSError, ValueError, AttributeError) as error:
         raise VPTUserError(f"{flag} {directory}: cannot read config.json ({one_line(error)})") from error
+
+
+def _not_a_base_hint(model_type: str | None) -> str:
+    found = base_of(str(model_type))
+    if found is not None and model_type != found.name:
+        return f" (that is a {found.label} VPT checkpoint; give the plain {found.label} model it starts from)"
+    return ""
+
+
+def check_source(kind: str, directory: str | os.PathLike, flag: str | None = None) -> None:
+    """A clear error unless ``directory`` is a local checkpoint directory of the right kind for ``kind`` (``dino``,
+    ``sam`` or a base name); ``flag`` names the source in messages (default: `source_flag`)."""
+    flag = flag or source_flag(kind)
+    model_type = source_model_type(directory, flag)
     if model_type not in SOURCE_MODEL_TYPES[kind]:
+        hint, other = "", VPT_BASES.get(str(model_type))
+        if kind in VPT_BASES and other is not None:  # the base model of another base
+            fix = f"pass --base {other.name} or leave --base out" if flag == BASE_MODEL_FLAG else (
+                f"give it with {BASE_MODEL_FLAG} DIR"
+            )
+            hint = f" (a {other.label} base model: {fix})"
+        elif kind in VPT_BASES:
+            hint = _not_a_base_hint(model_type)
         raise VPTUserError(
-            f"{flag} {directory} holds a {model_type!r} model, expected {' or '.join(SOURCE_MODEL_TYPES[kind])}"
+            f"{flag} {directory} holds a {model_type!r} model, expected {' or '.join(SOURCE_MODEL_TYPES[kind])}{hint}"
         )
+
+
+def resolve_base(base_model: str | os.PathLike, base: str | None = None, flag: str | None = None) -> VPTBase:
+    """The base of the base-model directory ``base_model``: the one its ``config.json`` declares (``model_type``
+    ``qwen2_vl``, ``qwen2_5_vl``, ...). A given ``base`` must be that one (a `VPTUserError` otherwise)."""
+    if base is not None:
+        if base not in VPT_BASES:
+            raise VPTUserError(f"unknown base {base!r}; choose from {', '.join(VPT_BASES)}")
+        check_source(base, base_model, flag or source_flag(base))
+        return VPT_BASES[base]
+    flag = flag or BASE_MODEL_FLAG
+    model_type = source_model_type(base_model, flag)
+    if model_type not in VPT_BASES:
+        raise VPTUserError(
+            f"{flag} {base_model} holds a {model_type!r} model, expected a base model: "
+            f"{' or '.join(VPT_BASES)}{_not_a_base_hint(model_type)}"
+        )
+    return VPT_BASES[model_type]
 
 
 def check_output_dir(output_dir: str | os.PathLike, sources: list[str | os.PathLike], overwrite: bool = True) -> None:
@@ -118,15 +166,30 @@ def preprocessing_config(directory: str | os.PathLike | None, defaults: dict) ->
 
 
 def prepare_weights(
-    qwen2_vl: str | os.PathLike,
+    base_model: str | os.PathLike,
     output_dir: str | os.PathLike,
     vision_encoder_ls: str | list[str],
     dino: str | os.PathLike | None = None,
     sam: str | os.PathLike | None = None,
     seg_projector_stride: int = 4,
-) -> VPT_Qwen2VLForConditionalGeneration:
-    """Build and save the initial VPT checkpoint; returns the model (see the module docstring)."""
+    base: str | None = None,
+    base_model_flag: str | None = None,
+) -> PreTrainedModel:
+    """Build and save the initial VPT checkpoint; returns the model (see the module docstring).
+
+    Args:
+        base_model: The local directory of the stock base model (Qwen2-VL-2B-Instruct, Qwen2.5-VL-3B-Instruct, ...).
+        output_dir: A new directory for the VPT checkpoint (not inside a source).
+        vision_encoder_ls: Branches to build: ``dino``, ``sam``, ``clip`` (a list or a comma string).
+        dino: The DINOv2 directory (`Dinov2Model` weights), needed for ``dino``.
+        sam: The SAM directory (`SamModel` weights; ``vision_encoder.*`` is used), needed for ``sam``.
+        seg_projector_stride: The SAM projector's conv kernel and stride.
+        base: The base (a key of `VPT_BASES`); None: the one ``base_model``'s config declares. Given, it must agree.
+        base_model_flag: How messages name ``base_model`` (the command line's flag); default ``--qwen2-vl`` for
+            Qwen2-VL, ``--base-model`` otherwise.
+    """
     kinds = normalize_encoder_list(vision_encoder_ls)
+    entry = resolve_base(base_model, base, base_model_flag)
     encoder_dirs = {"dino": dino, "sam": sam}
     missing = [kind for kind in kinds if kind in encoder_dirs and encoder_dirs[kind] is None]
     if missing:
@@ -134,33 +197,33 @@ def prepare_weights(
             f"vision_encoder_ls={kinds} needs the local directory of {missing}: "
             + " ".join(f"{SOURCE_FLAGS[kind]} DIR" for kind in missing)
         )
-    sources = {"qwen2_vl": qwen2_vl, **{kind: encoder_dirs[kind] for kind in kinds if kind in encoder_dirs}}
+    sources = {kind: encoder_dirs[kind] for kind in kinds if kind in encoder_dirs}
     for kind, directory in sources.items():
         check_source(kind, directory)
-    check_output_dir(output_dir, list(sources.values()))
+    check_output_dir(output_dir, [base_model, *sources.values()])
 
-    qwen_config = AutoConfig.from_pretrained(qwen2_vl)
-    fields = {key: value for key, value in qwen_config.to_dict().items() if key not in QWEN_CONFIG_KEYS_DROPPED}
+    base_config = AutoConfig.from_pretrained(base_model)
+    fields = {key: value for key, value in base_config.to_dict().items() if key not in QWEN_CONFIG_KEYS_DROPPED}
     if "dino" in kinds:
         fields["detection_config"] = AutoConfig.from_pretrained(dino).to_dict()
     if "sam" in kinds:
         fields["seg_config"] = AutoConfig.from_pretrained(sam).vision_config.to_dict()
 
-    config = VPT_Qwen2VLConfig.from_dict(
+    config = entry.config_class.from_dict(
         {**fields, "vision_encoder_ls": kinds, "seg_projector_stride": seg_projector_stride}
     )
-    tokenizer = AutoTokenizer.from_pretrained(qwen2_vl)
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
     vocabulary_size = len(tokenizer)
     add_vpt_tokens(tokenizer, config)
 
-    state_dict = load_weights(qwen2_vl)
+    state_dict = load_weights(base_model)
     for kind in kinds:
         if kind in encoder_dirs:
             state_dict.update(encoder_weights(kind, encoder_dirs[kind]))
 
-    check_shapes(config, state_dict)
-    model, info = VPT_Qwen2VLForConditionalGeneration.from_pretrained(
-        None, config=config, state_dict=state_dict, dtype=qwen_config.dtype, output_loading_info=True
+    check_shapes(config, state_dict, entry.model_class)
+    model, info = entry.model_class.from_pretrained(
+        None, config=config, state_dict=state_dict, dtype=base_config.dtype, output_loading_info=True
     )
     projectors = tuple(f"model.{BRANCHES[kind].projector_attr}." for kind in kinds)  # new: not in any source
     not_loaded = [key for key in info["missing_keys"] if not key.startswith(projectors)]
@@ -170,18 +233,18 @@ def prepare_weights(
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     init_added_token_rows(model, range(vocabulary_size, len(tokenizer)))
-    if Path(qwen2_vl, "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(qwen2_vl)
+    if Path(base_model, "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(base_model)
 
     detection_config = preprocessing_config(dino, DEFAULT_DETECTION_PROCESSOR_CONFIG)
     seg_config = preprocessing_config(sam, DEFAULT_SEG_PROCESSOR_CONFIG)
     crop, pad = detection_config["crop_size"], seg_config["pad_size"]
     dino_patch, sam_patch = config.detection_config.patch_size, config.seg_config.patch_size
-    qwen_processor = AutoProcessor.from_pretrained(qwen2_vl)
-    processor = VPT_Qwen2VLProcessor(
-        image_processor=qwen_processor.image_processor,
+    base_processor = AutoProcessor.from_pretrained(base_model)
+    processor = entry.processor_class(
+        image_processor=base_processor.image_processor,
         tokenizer=tokenizer,
-        video_processor=qwen_processor.video_processor,
+        video_processor=base_processor.video_processor,
         detection_processor_config=detection_config,
         seg_processor_config=seg_config,
         detection_image_seqlen=(crop["height"] // dino_patch) * (crop["width"] // dino_patch),
@@ -195,12 +258,17 @@ def prepare_weights(
     return model
 
 
-def check_shapes(config: VPT_Qwen2VLConfig, state_dict: dict[str, torch.Tensor]) -> None:
-    """Name the first source tensor whose shape differs from the model the config describes (meta device, free)."""
+def check_shapes(
+    config: PretrainedConfig, state_dict: dict[str, torch.Tensor], model_class: type[PreTrainedModel] | None = None
+) -> None:
+    """Name the first source tensor whose shape differs from the model the config describes (meta device, free).
+    ``model_class``: the VPT model class of the config's base (default: looked up by its ``model_type``)."""
+    if model_class is None:
+        model_class = base_of(config.model_type).model_class
     with torch.device("meta"):
-        expected = VPT_Qwen2VLForConditionalGeneration(config).state_dict()
-    renamed = {VPT_Qwen2VLForConditionalGeneration._fix_state_dict_key_on_load(k)[0]: k for k in state_dict}
-    mapping = VPT_Qwen2VLForConditionalGeneration._checkpoint_conversion_mapping
+        expected = model_class(config).state_dict()
+    renamed = {model_class._fix_state_dict_key_on_load(k)[0]: k for k in state_dict}
+    mapping = model_class._checkpoint_conversion_mapping
     for key, source_key in renamed.items():
         for pattern, replacement in mapping.items():
             key = re.sub(pattern, replacement, key)

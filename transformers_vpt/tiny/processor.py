@@ -6,10 +6,11 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-from ..models.qwen2_vl_vpt.processing_qwen2_vl_vpt import (
+from ..models.bases import get_base
+from ..models.vpt.processing_vpt import (
     DEFAULT_DETECTION_PROCESSOR_CONFIG,
     DEFAULT_SEG_PROCESSOR_CONFIG,
-    VPT_Qwen2VLProcessor,
+    VPTProcessorMixin,
 )
 from .tokenizer import build_tiny_tokenizer
 
@@ -43,26 +44,31 @@ TINY_SEG_PROCESSOR_CONFIG: dict[str, Any] = {
 }
 
 
-def build_tiny_processor(tokenizer: PreTrainedTokenizerBase | None = None, **kwargs) -> VPT_Qwen2VLProcessor:
-    """Build a [`VPT_Qwen2VLProcessor`] with tiny image sizes, offline and in milliseconds.
+def tiny_image_kwargs() -> dict[str, Any]:
+    """The tiny sizes of the Qwen2-VL image and video processors (Qwen2.5-VL uses the same classes)."""
+    return {
+        "size": {"shortest_edge": TINY_MIN_PIXELS, "longest_edge": TINY_MAX_PIXELS},
+        "patch_size": TINY_PATCH_SIZE,
+        "temporal_patch_size": TINY_TEMPORAL_PATCH_SIZE,
+        "merge_size": TINY_MERGE_SIZE,
+    }
+
+
+def build_tiny_processor(
+    tokenizer: PreTrainedTokenizerBase | None = None, base: str = "qwen2_vl", **kwargs
+) -> VPTProcessorMixin:
+    """Build the VPT processor of ``base`` (`VPT_Qwen2VLProcessor`, `VPT_Qwen2_5_VLProcessor`, ...) with tiny image
+    sizes, offline and in milliseconds.
 
     The Qwen2-VL image processor is the slow one, as the VPT processor keeps by default (the released models were
     trained with it), so a saved and reloaded tiny processor gives identical outputs.
 
     Args:
         tokenizer: Defaults to `build_tiny_tokenizer()` (all three branches and the region tokens).
+        base: A key of `transformers_vpt.models.bases.VPT_BASES`.
         kwargs: Overrides of the processor's ``__init__`` arguments (e.g. ``chat_template``,
             ``detection_image_seqlen``).
     """
-
-    def qwen_kwargs() -> dict[str, Any]:
-        return {
-            "size": {"shortest_edge": TINY_MIN_PIXELS, "longest_edge": TINY_MAX_PIXELS},
-            "patch_size": TINY_PATCH_SIZE,
-            "temporal_patch_size": TINY_TEMPORAL_PATCH_SIZE,
-            "merge_size": TINY_MERGE_SIZE,
-        }
-
     processor_kwargs = {
         "detection_processor_config": TINY_DETECTION_PROCESSOR_CONFIG,
         "seg_processor_config": TINY_SEG_PROCESSOR_CONFIG,
@@ -70,9 +76,9 @@ def build_tiny_processor(tokenizer: PreTrainedTokenizerBase | None = None, **kwa
         "seg_image_seqlen": TINY_SEG_IMAGE_SEQLEN,
         **kwargs,
     }
-    return VPT_Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**qwen_kwargs()),
+    return get_base(base).processor_class(
+        image_processor=Qwen2VLImageProcessor(**tiny_image_kwargs()),
         tokenizer=build_tiny_tokenizer() if tokenizer is None else tokenizer,
-        video_processor=Qwen2VLVideoProcessor(**qwen_kwargs()),
+        video_processor=Qwen2VLVideoProcessor(**tiny_image_kwargs()),
         **processor_kwargs,
     )

@@ -2,10 +2,11 @@
 
 Written into ``out_dir``:
 
-* ``sources/qwen2-vl``, ``sources/dinov2``, ``sources/sam``: tiny random Qwen2-VL, DINOv2 and SAM models in the
-  Hugging Face layout of the real ones (safetensors, or ``.bin``), with their preprocessor configs (`build_sources`);
-* ``vpt-init``: the VPT checkpoint `transformers_vpt.weights.prepare_weights` makes from them (dino, sam and clip
-  branches);
+* ``sources/qwen2-vl`` (or ``sources/qwen2.5-vl``, by ``base``), ``sources/dinov2``, ``sources/sam``: tiny random
+  stock base (Qwen2-VL or Qwen2.5-VL), DINOv2 and SAM models in the Hugging Face layout of the real ones
+  (safetensors, or ``.bin``), with their processor configs (`build_sources`);
+* ``vpt-init``: the VPT checkpoint of that base `transformers_vpt.weights.prepare_weights` makes from them (dino,
+  sam and clip branches);
 * ``data``: a tiny synthetic dataset in the released JSON format with its ``dataset_info.json``
   (`transformers_vpt.tiny.synthetic`).
 
@@ -19,8 +20,9 @@ from pathlib import Path
 
 from transformers import BitImageProcessor, Dinov2Config, Dinov2Model, SamConfig, SamImageProcessor, SamModel
 
+from ..models.bases import get_base
 from ..weights import prepare_weights
-from .assemble import build_tiny_qwen2_vl
+from .assemble import build_tiny_base
 from .model import TINY_DINO, TINY_SAM
 from .processor import TINY_DETECTION_PROCESSOR_CONFIG, TINY_SEG_PROCESSOR_CONFIG
 from .synthetic import generate
@@ -32,15 +34,20 @@ TINY_SAM_DECODER = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_he
                     "iou_head_hidden_dim": 16}
 
 
-def build_sources(out_dir: str | os.PathLike, safe_serialization: bool = True) -> dict[str, Path]:
-    """Tiny random source models as the real ones are published; returns their directories by kind."""
+def build_sources(
+    out_dir: str | os.PathLike, safe_serialization: bool = True, base: str = "qwen2_vl"
+) -> dict[str, Path]:
+    """Tiny random source models as the real ones are published; returns their directories by kind: ``base`` (its
+    name, e.g. ``"qwen2_vl"``: the stock model of `build_tiny_base`, in ``qwen2-vl`` / ``qwen2.5-vl``), ``"dino"``
+    and ``"sam"``."""
     out = Path(out_dir)
-    dirs = {"qwen2_vl": out / "qwen2-vl", "dino": out / "dinov2", "sam": out / "sam"}
+    dirs = {base: out / get_base(base).label.lower(), "dino": out / "dinov2", "sam": out / "sam"}
 
     # Unseeded, and without eos/pad ids in the config: the generation config the demo's models have always had.
-    build_tiny_qwen2_vl(
+    build_tiny_base(
+        base,
         seed=None,
-        save_dir=dirs["qwen2_vl"],
+        save_dir=dirs[base],
         safe_serialization=safe_serialization,
         eos_token_id=None,
         pad_token_id=None,
@@ -57,18 +64,21 @@ def build_sources(out_dir: str | os.PathLike, safe_serialization: bool = True) -
     return dirs
 
 
-def make_tiny(out_dir: str | os.PathLike, safe_serialization: bool = True, data: bool = True) -> dict[str, Path]:
-    """Sources, the VPT checkpoint and (with ``data``) the dataset (see the module docstring); returns their
-    directories."""
+def make_tiny(
+    out_dir: str | os.PathLike, safe_serialization: bool = True, data: bool = True, base: str = "qwen2_vl"
+) -> dict[str, Path]:
+    """Sources, the VPT checkpoint of ``base`` and (with ``data``) the dataset (see the module docstring); returns
+    their directories (the keys of `build_sources`, ``"model"`` and ``"data"``)."""
     out = Path(out_dir)
-    sources = build_sources(out / "sources", safe_serialization)
+    sources = build_sources(out / "sources", safe_serialization, base=base)
     prepare_weights(
-        sources["qwen2_vl"],
+        sources[base],
         out / "vpt-init",
         vision_encoder_ls=["dino", "sam", "clip"],
         dino=sources["dino"],
         sam=sources["sam"],
         seg_projector_stride=1,
+        base=base,
     )
     if not data:
         return {**sources, "model": out / "vpt-init"}
