@@ -23,7 +23,7 @@ from llamafactory.extras.constants import MROPE_MODELS
 from llamafactory.model import loader
 from llamafactory.model.model_utils import visual
 
-from transformers_vpt import VPT_Qwen2_5_VLConfig, VPT_Qwen2VLConfig, VRT_Qwen2VLConfig
+from transformers_vpt.models.bases import VPT_BASES
 from transformers_vpt.models.vpt.configuration_vpt import VPTConfigMixin
 from transformers_vpt.models.vpt.processing_vpt import VPTProcessorMixin
 from transformers_vpt.perception import BRANCHES
@@ -34,7 +34,7 @@ from .guard import Private
 
 logger = logging.get_logger(__name__)
 
-VPT_MODEL_TYPES = (VPT_Qwen2VLConfig.model_type, VRT_Qwen2VLConfig.model_type, VPT_Qwen2_5_VLConfig.model_type)
+VPT_MODEL_TYPES = tuple(model_type for base in VPT_BASES.values() for model_type in base.model_types)
 
 
 def _add_tokens(tokenizer, model_args, vision_encoder_ls, config=None) -> None:

@@ -19,6 +19,7 @@ from llamafactory.data import mm_plugin
 from llamafactory.data.template import TEMPLATES
 from typing_extensions import override
 
+from transformers_vpt.models.bases import VPT_BASES
 from transformers_vpt.models.vpt.processing_vpt import VPTProcessorMixin
 from transformers_vpt.images import IMAGE_RESOLUTION, SEG_IMAGE_RESOLUTION, fit_image, load_image, to_rgb
 from transformers_vpt.vocabulary import BRANCH_TOKENS
@@ -28,9 +29,10 @@ from .template import register_released_template
 
 TEMPLATE_NAME = "vpt_qwen2_vl"
 BASE_TEMPLATE = "qwen2_vl"
-VPT_TEMPLATES = {TEMPLATE_NAME: BASE_TEMPLATE, "vpt_qwen2_5_vl": BASE_TEMPLATE}
-"""The VPT templates and the stock template each is built from: LLaMA-Factory 0.9.5 formats Qwen2.5-VL with its
-`qwen2_vl` template and plugin, and so does VPT (with the released labels, as for Qwen2-VL)."""
+VPT_TEMPLATES = {base.template: base.stock_template for base in VPT_BASES.values()}
+"""The VPT templates and the stock template each is built from (`transformers_vpt.models.bases`): LLaMA-Factory
+0.9.5 formats Qwen2.5-VL with its `qwen2_vl` template and plugin, and so does VPT (with the released labels, as for
+Qwen2-VL)."""
 
 _PLUGIN = mm_plugin.Qwen2VLPlugin
 PRIVATE = tuple(

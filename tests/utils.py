@@ -24,7 +24,7 @@ from transformers import AutoModelForImageTextToText, LogitsProcessor, LogitsPro
 
 from transformers_vpt.pipeline import VPTPipeline, build_user_text, cap_image
 from transformers_vpt.regions import box_to_region_text
-from transformers_vpt.tiny.model import TINY_DINO_TOKENS, TINY_SAM_TOKENS, tiny_config
+from transformers_vpt.tiny.model import TINY_BASES, TINY_DINO_TOKENS, TINY_SAM_TOKENS, tiny_config
 from transformers_vpt.tiny.tokenizer import TINY_BPE_VOCAB_SIZE
 from transformers_vpt.vocabulary import BRANCH_TOKENS, REENCODE_TRIGGER, REGION_TRIGGER
 from transformers_vpt.vocabulary import IM_END as IM_END_TEXT
@@ -52,8 +52,8 @@ IMAGE_GRID = [1, 4, 4]
 PATCH_DIM = 3 * 2 * 14 * 14
 
 
-BASES = ("qwen2_vl", "qwen2_5_vl")
-"""The Qwen-VL bases the model tests run on (`transformers_vpt.tiny.model.TINY_BASES`)."""
+BASES = tuple(TINY_BASES)
+"""The Qwen-VL bases the model tests run on: every base with a tiny config (`transformers_vpt.tiny.model`)."""
 
 
 def make_model(vision_encoder_ls=("dino", "sam", "clip"), seed=0, base="qwen2_vl", **overrides):

@@ -40,6 +40,8 @@ class VPTBase:
     """The LLaMA-Factory template of its VPT models."""
     model_types: tuple[str, ...] = ()
     """Every VPT ``model_type`` of the base (the released name included)."""
+    stock_template: str = "qwen2_vl"
+    """The LLaMA-Factory 0.9.5 template its VPT template is built from (0.9.5 formats Qwen2.5-VL with `qwen2_vl`)."""
 
 
 VPT_BASES: dict[str, VPTBase] = {
