@@ -19,9 +19,9 @@ from llamafactory.data import mm_plugin
 from llamafactory.data.template import TEMPLATES
 from typing_extensions import override
 
+from transformers_vpt.images import IMAGE_RESOLUTION, SEG_IMAGE_RESOLUTION, fit_image, load_image, to_rgb
 from transformers_vpt.models.bases import VPT_BASES
 from transformers_vpt.models.vpt.processing_vpt import VPTProcessorMixin
-from transformers_vpt.images import IMAGE_RESOLUTION, SEG_IMAGE_RESOLUTION, fit_image, load_image, to_rgb
 from transformers_vpt.vocabulary import BRANCH_TOKENS
 
 from .guard import Private

@@ -36,8 +36,8 @@ from llamafactory.data import converter, loader
 from llamafactory.extras import logging
 from llamafactory.model import loader as model_loader
 
-from transformers_vpt.models.vpt.configuration_vpt import VPTConfigMixin
 from transformers_vpt.errors import VPTUserError
+from transformers_vpt.models.vpt.configuration_vpt import VPTConfigMixin
 from transformers_vpt.records import record_problems
 
 from .data import EXTRA_IMAGE_KEYS, RECORD_COLUMN, stock_formatting, vpt_formatting

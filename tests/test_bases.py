@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForImageTextToText, Qwen2_5_VLForConditionalGeneration
-from transformers import Qwen2VLForConditionalGeneration
+from transformers import (
+    AutoModel,
+    AutoModelForImageTextToText,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+)
 from utils import BASES, Sample, collate, make_model
 
 from transformers_vpt import VPT_Qwen2_5_VLModel, VPT_Qwen2VLModel

@@ -519,7 +519,6 @@ class VPTModelMixin(VPTPreTrainedMixin):
             control[:, 0] = prev_hidden_state.to(control.dtype)
         return control, prefix
 
-
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -744,7 +743,9 @@ class VPTForConditionalGenerationMixin(VPTPreTrainedMixin):
         )
         dropped = sorted(set(unexpected_keys) - set(unexpected))
         if dropped:
-            logging.get_logger(type(self).__module__).info(f"Dropped {len(dropped)} checkpoint tensors of unused released projector layers: {dropped}")
+            logging.get_logger(type(self).__module__).info(
+                f"Dropped {len(dropped)} checkpoint tensors of unused released projector layers: {dropped}"
+            )
         unbuilt = _unbuilt_branch_keys(unexpected, self.config.vision_encoder_ls)
         if unbuilt:
             self._drop_unbuilt_branches(unbuilt)
@@ -755,11 +756,14 @@ class VPTForConditionalGenerationMixin(VPTPreTrainedMixin):
     def _drop_unbuilt_branches(self, unbuilt: dict[str, list[str]]) -> None:
         """Raise for checkpoint branches the config does not build, unless `from_pretrained(drop_branches=True)`."""
         kinds = sorted(unbuilt, key=list(BRANCHES).index)
-        modules = list(dict.fromkeys(key.removeprefix("model.").split(".", 1)[0] for kind in kinds for key in sorted(unbuilt[kind])))
+        keys = [key.removeprefix("model.") for kind in kinds for key in sorted(unbuilt[kind])]
+        modules = list(dict.fromkeys(key.split(".", 1)[0] for key in keys))
         count = sum(len(keys) for keys in unbuilt.values())
         what = f"the {', '.join(kinds)} branch{'es' if len(kinds) > 1 else ''} ({', '.join(modules)}: {count} tensors)"
         if _DROP_BRANCHES.get():
-            logging.get_logger(type(self).__module__).warning(f"Dropped {what} of the checkpoint (drop_branches=True): the model does not build them.")
+            logging.get_logger(type(self).__module__).warning(
+                f"Dropped {what} of the checkpoint (drop_branches=True): the model does not build them."
+            )
             return
         path = self.config.name_or_path or "(no path)"
         raise ValueError(
@@ -876,7 +880,6 @@ class VPTForConditionalGenerationMixin(VPTPreTrainedMixin):
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
         model_kwargs["prev_hidden_state"] = outputs.last_hidden_state
         return model_kwargs
-
 
     # ------------------------------------------------------------------ forward
     def forward(
