@@ -47,7 +47,7 @@ class VPTSeq2SeqTrainer(CustomSeq2SeqTrainer):
             blank = Image.new("RGB", (DUMMY_IMAGE_SIZE, DUMMY_IMAGE_SIZE))
             inputs = self.vpt_processor.preprocess_extra_images(branch.tokens.prefix, [blank])
             with torch.set_grad_enabled(trainable):
-                features = branch.encode(model, {key: value.to(model.device) for key, value in inputs.items()})
+                features = branch.encode(model, {key: value.to(model.device) for key, value in inputs.items()})[:2]
 
             if trainable:
                 return features

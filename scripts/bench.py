@@ -265,7 +265,8 @@ def real_sizes(base: VPTBase) -> list[str]:
 def build_config(args, variant: str, vocab: dict[str, int]) -> PretrainedConfig:
     base = get_base(args.base)
     if args.size == "tiny":
-        fields = copy.deepcopy(dict(text_config=TINY_TEXT, vision_config=TINY_BASES[base.name][1],
+        _, vision, text = TINY_BASES[base.name]
+        fields = copy.deepcopy(dict(text_config=text, vision_config=vision,
                                     detection_config=TINY_DINO, seg_config=TINY_SAM, seg_projector_stride=1,
                                     tie_word_embeddings=False))
         text = fields["text_config"]
@@ -505,8 +506,8 @@ def encode_extra(model, variant: str, batch: dict) -> None:
 def with_encoded_images(model, batch: dict) -> dict:
     """`batch` plus its original images' vision-tower features, as the forward hands them to the clip branch."""
     with torch.no_grad():
-        features = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
-    return {**batch, ENCODED_IMAGES: (batch["pixel_values"], batch["image_grid_thw"], features)}
+        encoded = model.model.get_vision_features(batch["pixel_values"], batch["image_grid_thw"])
+    return {**batch, ENCODED_IMAGES: encoded}
 
 
 def tensor_bytes(tensors) -> int:

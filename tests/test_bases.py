@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    AutoModel,
-    AutoModelForImageTextToText,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2VLForConditionalGeneration,
-)
+from transformers import AutoModel, AutoModelForImageTextToText
 from utils import BASES, Sample, collate, make_model
 
-from transformers_vpt import VPT_Qwen2_5_VLModel, VPT_Qwen2VLModel
+from transformers_vpt.models.bases import VPT_BASES
 from transformers_vpt.models.vpt.modeling_vpt import BRANCH_MODULES
 
-STOCK = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
-VPT_MODELS = {"qwen2_vl": VPT_Qwen2VLModel, "qwen2_5_vl": VPT_Qwen2_5_VLModel}
+STOCK = {name: base.stock_model_class for name, base in VPT_BASES.items()}
+VPT_MODELS = {name: base.model_class.vpt_model_class for name, base in VPT_BASES.items()}
 
 
 def stock_twin(model, base: str):

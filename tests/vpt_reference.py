@@ -2,7 +2,9 @@
 
 Everything runs per sample and per image with explicit loops: full-length pass 1, control state = pass-1 hidden
 state right before each action token, f + (f.c)c per image, action embeddings replaced, full pass 2, shifted
-cross-entropy. The model under test must match it.
+cross-entropy. On a DeepStack base (Qwen3-VL) both passes add the original images' DeepStack features at their
+positions, and the clip images' at their pad positions when `config.clip_deepstack`. The model under test must
+match it.
 """
 
 from __future__ import annotations
@@ -24,19 +26,28 @@ def _runs(row: torch.Tensor, token_id: int) -> list[list[int]]:
     return runs
 
 
-def _image_features(model, kind: str, index: int, inputs: dict) -> torch.Tensor:
-    """Unprojected features (tokens, dim) of image `index` of branch `kind`, encoding that image alone."""
+def _visual(model, pixels: torch.Tensor, grid: torch.Tensor):
+    """The vision tower: (merged features, DeepStack features per layer, or None for a tower without them)."""
+    out = model.model.visual(pixels.type(model.model.visual.dtype), grid_thw=grid)
+    if isinstance(out, tuple):
+        return out[0], list(out[1])
+    return out, None
+
+
+def _image_features(model, kind: str, index: int, inputs: dict):
+    """Unprojected features (tokens, dim) of image `index` of branch `kind`, encoding that image alone, and its
+    DeepStack features per layer (clip images of a DeepStack base only; else None)."""
     if kind == "dino":
         image = inputs["detection_images"][index : index + 1]
-        return model.detection_model(pixel_values=image).last_hidden_state[0, 1:]
+        return model.detection_model(pixel_values=image).last_hidden_state[0, 1:], None
     if kind == "sam":
         image = inputs["seg_images"][index : index + 1]
-        return model.seg_model(image).last_hidden_state  # (1, C, h, w), projected below
+        return model.seg_model(image).last_hidden_state, None  # (1, C, h, w), projected below
     grid = inputs["clip_images_grid_thw"]
     patches = grid.prod(-1).tolist()
     start = sum(patches[:index])
     pixels = inputs["clip_pixel_values"][start : start + patches[index]]
-    return model.model.visual(pixels, grid_thw=grid[index : index + 1])
+    return _visual(model, pixels, grid[index : index + 1])
 
 
 def _project(model, kind: str, features: torch.Tensor, condition_states: torch.Tensor | None) -> torch.Tensor:
@@ -65,12 +76,15 @@ def reference_forward(model, input_ids, attention_mask=None, labels=None, pixel_
     embed = model.model.language_model.embed_tokens
     batch, length = input_ids.shape
     base = embed(input_ids)
+    deepstack = {}  # (row, column) -> the DeepStack feature of each layer added there
     if pixel_values is not None:
-        image_tokens = torch.cat(model.model.get_image_features(pixel_values, image_grid_thw))
+        image_tokens, image_deepstack = _visual(model, pixel_values, image_grid_thw)
         rows, cols = (input_ids == config.image_token_id).nonzero(as_tuple=True)
         base = base.clone()
         for k, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
             base[r, c] = image_tokens[k]
+            if image_deepstack is not None:
+                deepstack[r, c] = [layer[k] for layer in image_deepstack]
 
     # Pair images with samples: each pad run is one image, in sample order.
     images = []  # (kind, row, positions, features)
@@ -81,9 +95,12 @@ def reference_forward(model, input_ids, attention_mask=None, labels=None, pixel_
             if pad_id is None:
                 continue
             for run in _runs(input_ids[r], pad_id):
-                feats = _image_features(model, kind, counters[kind], extra)
+                feats, feats_deepstack = _image_features(model, kind, counters[kind], extra)
                 counters[kind] += 1
                 images.append((kind, r, run, feats))
+                if feats_deepstack is not None and getattr(config, "clip_deepstack", False):
+                    for k, c in enumerate(run):
+                        deepstack[r, c] = [layer[k] for layer in feats_deepstack]
 
     def with_images(embeds, conditions):
         embeds = embeds.clone()
@@ -95,6 +112,17 @@ def reference_forward(model, input_ids, attention_mask=None, labels=None, pixel_
 
     positions, _ = model.model.get_rope_index(input_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask)
     decoder = model.model.language_model
+
+    def run_decoder(embeds):
+        kwargs = {}
+        if deepstack:
+            mask = torch.zeros(batch, length, dtype=torch.bool)
+            for r, c in deepstack:
+                mask[r, c] = True
+            order = sorted(deepstack)  # row-major, as the text model reads them
+            layers = [torch.stack([deepstack[p][k] for p in order]) for k in range(len(deepstack[order[0]]))]
+            kwargs = {"visual_pos_masks": mask, "deepstack_visual_embeds": layers}
+        return decoder(inputs_embeds=embeds, position_ids=positions, attention_mask=attention_mask, **kwargs)
 
     action_ids = {kind: getattr(config, f"{prefix}_action_id") for kind, prefix in BRANCH_PREFIX.items()}
     action_positions = [
@@ -108,7 +136,7 @@ def reference_forward(model, input_ids, attention_mask=None, labels=None, pixel_
     if config.num_inner_forward_run == 1 or not action_positions:
         final = pass1_embeds
     else:
-        h1 = decoder(inputs_embeds=pass1_embeds, position_ids=positions, attention_mask=attention_mask).last_hidden_state
+        h1 = run_decoder(pass1_embeds).last_hidden_state
         conditions = []
         for kind, r, run, feats in images:
             # the k-th image of `kind` in row r pairs with the k-th group of `scale` action tokens of `kind` in row r
@@ -124,7 +152,7 @@ def reference_forward(model, input_ids, attention_mask=None, labels=None, pixel_
                 final[r, starts[p] + 1 : ends[p]] = 0.0
         for r, t, _ in action_positions:
             final[r, t] = h1[r, t - 1]
-    hidden = decoder(inputs_embeds=final, position_ids=positions, attention_mask=attention_mask).last_hidden_state
+    hidden = run_decoder(final).last_hidden_state
     logits = model.lm_head(hidden)
     loss = None
     if labels is not None:

@@ -14,6 +14,7 @@ released checkpoints, so their state dicts load unchanged.
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -129,8 +130,12 @@ class VisionBranch(abc.ABC):
         """Modules to attach to the model, by attribute name."""
 
     @abc.abstractmethod
-    def encode(self, model, inputs: dict) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Run the encoder on this branch's inputs: (raw features, tokens per image), or (None, None) if absent."""
+    def encode(
+        self, model, inputs: dict
+    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[list[torch.Tensor]]]:
+        """Run the encoder on this branch's inputs: (raw features, tokens per image, DeepStack features), or
+        (None, None, None) if absent. DeepStack features (one tensor per decoder layer, rows as the features') come
+        only from a vision tower that makes them (the clip branch on Qwen3-VL); else None."""
 
     @abc.abstractmethod
     def dummy_inputs(self, config, device) -> dict[str, torch.Tensor]:
@@ -156,10 +161,10 @@ class DinoBranch(VisionBranch):
     def encode(self, model, inputs):
         images = inputs.get("detection_images")
         if images is None:
-            return None, None
+            return None, None, None
         encoder = getattr(model, self.encoder_attr)
         features = encoder(pixel_values=images.to(encoder.dtype)).last_hidden_state[:, 1:]  # drop CLS
-        return features, torch.full((features.shape[0],), features.shape[1], dtype=torch.long)
+        return features, torch.full((features.shape[0],), features.shape[1], dtype=torch.long), None
 
     def dummy_inputs(self, config, device):
         vision = config.detection_config  # one patch: DINOv2 interpolates its position embeddings
@@ -185,12 +190,12 @@ class SamBranch(VisionBranch):
     def encode(self, model, inputs):
         images = inputs.get("seg_images")
         if images is None:
-            return None, None
+            return None, None, None
         encoder = getattr(model, self.encoder_attr)
         features = encoder(images.to(encoder.dtype)).last_hidden_state  # (N, C, h, w)
         stride = model.config.seg_projector_stride
         per_image = (features.shape[2] // stride) * (features.shape[3] // stride)
-        return features, torch.full((features.shape[0],), per_image, dtype=torch.long)
+        return features, torch.full((features.shape[0],), per_image, dtype=torch.long), None
 
     def dummy_inputs(self, config, device):
         vision = config.seg_config  # SAM only takes its full input size
@@ -198,9 +203,31 @@ class SamBranch(VisionBranch):
         return {"seg_images": torch.zeros(1, vision.num_channels, size, size, device=device)}
 
 
-# `encode` input key: the forward's original images as already encoded by the vision tower,
-# (pixel_values, image_grid_thw, per-image features). The clip branch reuses the features of identical images.
+# `encode` input key: the forward's original images as already encoded by the vision tower (`EncodedImages`). The
+# clip branch reuses the features of identical images.
 ENCODED_IMAGES = "encoded_images"
+
+
+@dataclass
+class EncodedImages:
+    """Images as the base's vision tower encoded them (`VPTModelMixin.get_vision_features`).
+
+    `features` holds one tensor per image; `deepstack` (a DeepStack base such as Qwen3-VL, else None) one tensor
+    per decoder layer the DeepStack features enter, whose rows follow the images' tokens in order.
+    """
+
+    pixel_values: torch.Tensor
+    grid_thw: torch.Tensor
+    features: tuple[torch.Tensor, ...]
+    deepstack: Optional[list[torch.Tensor]] = None
+
+    def deepstack_of(self, index: int) -> Optional[list[torch.Tensor]]:
+        """The DeepStack rows of image `index`, per layer (None without DeepStack)."""
+        if self.deepstack is None:
+            return None
+        start = sum(len(features) for features in self.features[:index])
+        end = start + len(self.features[index])
+        return [layer[start:end] for layer in self.deepstack]
 
 
 class ClipBranch(VisionBranch):
@@ -212,21 +239,25 @@ class ClipBranch(VisionBranch):
     def encode(self, model, inputs):
         pixel_values = inputs.get("clip_pixel_values")
         if pixel_values is None:
-            return None, None
+            return None, None, None
         grid_thw = inputs["clip_images_grid_thw"]
-        visual = model.visual
-        tokens_per_image = (grid_thw.prod(-1) // visual.spatial_merge_size**2).cpu()
+        tokens_per_image = (grid_thw.prod(-1) // model.visual.spatial_merge_size**2).cpu()
         images = pixel_values.split(grid_thw.prod(-1).tolist())
         # Round 2 re-encodes the image shown in round 1, which the same forward has just encoded: reuse it.
-        features = _already_encoded(images, grid_thw, inputs.get(ENCODED_IMAGES))
-        todo = [index for index, found in enumerate(features) if found is None]
+        known = inputs.get(ENCODED_IMAGES)
+        matches = _already_encoded(images, grid_thw, known)
+        todo = [index for index, match in enumerate(matches) if match is None]
         if len(todo) == len(images):
-            return _run_visual(visual, pixel_values, grid_thw), tokens_per_image
-        if todo:
-            encoded = _run_visual(visual, torch.cat([images[i] for i in todo]), grid_thw[todo])
-            for index, found in zip(todo, encoded.split(tokens_per_image[todo].tolist())):
-                features[index] = found
-        return torch.cat(features), tokens_per_image
+            encoded = model.get_vision_features(pixel_values, grid_thw)
+            return torch.cat(encoded.features), tokens_per_image, encoded.deepstack
+        new = model.get_vision_features(torch.cat([images[i] for i in todo]), grid_thw[todo]) if todo else None
+        sources = [
+            (known, match) if match is not None else (new, todo.index(index)) for index, match in enumerate(matches)
+        ]
+        features = torch.cat([source.features[at] for source, at in sources])
+        per_image = [source.deepstack_of(at) for source, at in sources]
+        deepstack = None if per_image[0] is None else [torch.cat(rows) for rows in zip(*per_image)]
+        return features, tokens_per_image, deepstack
 
     def dummy_inputs(self, config, device):
         pixel_values, grid_thw = vision_tower_dummy_inputs(config.vision_config, device)
@@ -240,24 +271,19 @@ class ClipBranch(VisionBranch):
 
 
 def vision_tower_dummy_inputs(vision_config, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pixel_values, grid_thw) of one blank image of the smallest grid the Qwen2-VL vision tower takes: one token."""
+    """(pixel_values, grid_thw) of one blank image of the smallest grid a Qwen-VL vision tower takes: one token."""
     merge = vision_config.spatial_merge_size
     patch_dim = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size**2
     grid_thw = torch.tensor([[1, merge, merge]], device=device)
     return torch.zeros(merge * merge, patch_dim, device=device), grid_thw
 
 
-def _run_visual(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-    features = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw)
-    return getattr(features, "pooler_output", features)  # a tensor on 4.57, an output object later
-
-
-def _already_encoded(images, grid_thw: torch.Tensor, encoded) -> list[Optional[torch.Tensor]]:
-    """Per image, the features of an identical (same grid, same pixels) already-encoded image, or None."""
+def _already_encoded(images, grid_thw: torch.Tensor, encoded: Optional[EncodedImages]) -> list[Optional[int]]:
+    """Per image, the index of an identical (same grid, same pixels) already-encoded image, or None."""
     found = [None] * len(images)
     if encoded is None:
         return found
-    known_pixels, known_grid, known_features = encoded
+    known_pixels, known_grid = encoded.pixel_values, encoded.grid_thw
     if known_pixels.dtype != images[0].dtype or known_pixels.shape[-1] != images[0].shape[-1]:
         return found
     known = known_pixels.split(known_grid.prod(-1).tolist())
@@ -267,7 +293,7 @@ def _already_encoded(images, grid_thw: torch.Tensor, encoded) -> list[Optional[t
     for index, candidates in enumerate((first & same_grid).tolist()):
         for other, candidate in enumerate(candidates):
             if candidate and torch.equal(images[index], known[other]):
-                found[index] = known_features[other]
+                found[index] = other
                 break
     return found
 
@@ -278,6 +304,8 @@ __all__ = [
     "BRANCHES",
     "VisionBranch",
     "ConditionedProjector",
+    "ENCODED_IMAGES",
+    "EncodedImages",
     "DinoProjector",
     "SamProjector",
     "ClipProjector",

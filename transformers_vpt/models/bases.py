@@ -16,11 +16,14 @@ from transformers import (
     Qwen2_5_VLProcessor,
     Qwen2VLForConditionalGeneration,
     Qwen2VLProcessor,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
 )
 
 from .qwen2_5_vl_vpt import VPT_Qwen2_5_VLConfig, VPT_Qwen2_5_VLForConditionalGeneration, VPT_Qwen2_5_VLProcessor
 from .qwen2_vl_vpt import VPT_Qwen2VLConfig, VPT_Qwen2VLForConditionalGeneration, VRT_Qwen2VLConfig
 from .qwen2_vl_vpt.processing_qwen2_vl_vpt import VPT_Qwen2VLProcessor
+from .qwen3_vl_vpt import VPT_Qwen3VLConfig, VPT_Qwen3VLForConditionalGeneration, VPT_Qwen3VLProcessor
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class VPTBase:
     """One Qwen-VL base: its stock classes and their VPT counterparts."""
 
     name: str
-    """The base's key and its stock ``model_type`` (``qwen2_vl``, ``qwen2_5_vl``)."""
+    """The base's key and its stock ``model_type`` (``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``)."""
     label: str
     """How people write it (``Qwen2-VL``)."""
     config_class: type[PretrainedConfig]
@@ -42,6 +45,16 @@ class VPTBase:
     """Every VPT ``model_type`` of the base (the released name included)."""
     stock_template: str = "qwen2_vl"
     """The LLaMA-Factory 0.9.5 template its VPT template is built from (0.9.5 formats Qwen2.5-VL with `qwen2_vl`)."""
+    template_variants: tuple[tuple[str, str], ...] = ()
+    """Further (VPT template, stock template) pairs of the base (Qwen3-VL's no-think template)."""
+    released_labels: bool = True
+    """Whether its VPT templates supervise turns as the released models were trained (LLaMA-Factory 0.9.1's
+    `qwen2_vl` labels, see `llamafactory_patches.template`); False keeps the stock template's labels."""
+
+    @property
+    def templates(self) -> dict[str, str]:
+        """Every VPT template of the base and the stock template it is built from."""
+        return {self.template: self.stock_template, **dict(self.template_variants)}
 
 
 VPT_BASES: dict[str, VPTBase] = {
@@ -56,6 +69,12 @@ VPT_BASES: dict[str, VPTBase] = {
             "qwen2_5_vl", "Qwen2.5-VL", VPT_Qwen2_5_VLConfig, VPT_Qwen2_5_VLForConditionalGeneration,
             VPT_Qwen2_5_VLProcessor, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, "vpt_qwen2_5_vl",
             (VPT_Qwen2_5_VLConfig.model_type,),
+        ),
+        VPTBase(
+            "qwen3_vl", "Qwen3-VL", VPT_Qwen3VLConfig, VPT_Qwen3VLForConditionalGeneration, VPT_Qwen3VLProcessor,
+            Qwen3VLForConditionalGeneration, Qwen3VLProcessor, "vpt_qwen3_vl", (VPT_Qwen3VLConfig.model_type,),
+            stock_template="qwen3_vl", template_variants=(("vpt_qwen3_vl_nothink", "qwen3_vl_nothink"),),
+            released_labels=False,
         ),
     )
 }

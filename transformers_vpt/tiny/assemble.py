@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixi
 from ..models.bases import get_base
 from ..models.vpt.processing_vpt import VPTProcessorMixin
 from ..vocabulary import BRANCH_KINDS, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, add_vpt_tokens
-from .model import TINY_BASES, TINY_TEXT, tiny_config
+from .model import TINY_BASES, tiny_config
 from .processor import build_tiny_processor
 from .tokenizer import build_tiny_tokenizer
 
@@ -88,8 +88,8 @@ def build_tiny_base(
         video_processor=images.video_processor,
         chat_template=tokenizer.chat_template,
     )
-    _, vision = TINY_BASES[base]
-    fields = {"text_config": TINY_TEXT, "vision_config": vision, "tie_word_embeddings": False}
+    _, vision, text = TINY_BASES[base]
+    fields = {"text_config": text, "vision_config": vision, "tie_word_embeddings": False}
     config = entry.stock_model_class.config_class(**fields | qwen2_vl_token_fields(tokenizer) | config_overrides)
     if seed is not None:
         torch.manual_seed(seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import PreTrainedTokenizerBase, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+from transformers import PreTrainedTokenizerBase, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, Qwen3VLVideoProcessor
 
 from ..models.bases import get_base
 from ..models.vpt.processing_vpt import (
@@ -44,6 +44,17 @@ TINY_SEG_PROCESSOR_CONFIG: dict[str, Any] = {
 }
 
 
+TINY_VIDEO_PROCESSORS = {"qwen3_vl": Qwen3VLVideoProcessor}
+"""The video processor class of a base whose class is not Qwen2-VL's (Qwen3-VL's: frame metadata, timestamps)."""
+
+
+def tiny_video_processor(base: str = "qwen2_vl"):
+    """The video processor of ``base`` at the tiny sizes (given frames are used as they are: no frame sampling)."""
+    video_class = TINY_VIDEO_PROCESSORS.get(base, Qwen2VLVideoProcessor)
+    extra = {"do_sample_frames": False} if video_class is not Qwen2VLVideoProcessor else {}
+    return video_class(**tiny_image_kwargs(), **extra)
+
+
 def tiny_image_kwargs() -> dict[str, Any]:
     """The tiny sizes of the Qwen2-VL image and video processors (Qwen2.5-VL uses the same classes)."""
     return {
@@ -79,6 +90,6 @@ def build_tiny_processor(
     return get_base(base).processor_class(
         image_processor=Qwen2VLImageProcessor(**tiny_image_kwargs()),
         tokenizer=build_tiny_tokenizer() if tokenizer is None else tokenizer,
-        video_processor=Qwen2VLVideoProcessor(**tiny_image_kwargs()),
+        video_processor=tiny_video_processor(base),
         **processor_kwargs,
     )

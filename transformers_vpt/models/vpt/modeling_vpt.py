@@ -42,7 +42,14 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLCausalLMOutput
 from transformers.utils import logging
 
 from ...generation import VPTActionLogitsProcessor, VPTSuppressTokensLogitsProcessor, vpt_suppressed_tokens
-from ...perception import BRANCHES, ENCODED_IMAGES, ConditionedProjector, VisionBranch, vision_tower_dummy_inputs
+from ...perception import (
+    BRANCHES,
+    ENCODED_IMAGES,
+    ConditionedProjector,
+    EncodedImages,
+    VisionBranch,
+    vision_tower_dummy_inputs,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -153,6 +160,46 @@ class ExtraImageFeatures:
     pad_mask: torch.Tensor  # (batch, seq) positions of the branch's pad tokens
     dummy: bool = False  # a blank image encoded only to keep module calls uniform; it has no pad tokens
     embedded: Optional[torch.Tensor] = None  # the unconditioned projection, computed once for both passes
+    deepstack: Optional[list[torch.Tensor]] = None  # DeepStack features, per layer (the clip branch on Qwen3-VL)
+
+
+@dataclass
+class DeepStackFeatures:
+    """Vision features a DeepStack base (Qwen3-VL) adds to the hidden states of its first decoder layers.
+
+    `layers[k]` is added after decoder layer k at the `positions` of the batch, in row-major order: the text model's
+    `visual_pos_masks` and `deepstack_visual_embeds`.
+    """
+
+    positions: torch.BoolTensor  # (batch, seq)
+    layers: list[torch.Tensor]  # per layer (positions.sum(), hidden)
+
+    def merge(self, other: Optional["DeepStackFeatures"]) -> "DeepStackFeatures":
+        """Both sets of features, at the union of their (disjoint) positions."""
+        if other is None:
+            return self
+        positions = self.positions | other.positions
+        mine, theirs = self.positions[positions], other.positions[positions]
+        layers = []
+        for own, added in zip(self.layers, other.layers, strict=True):
+            merged = own.new_zeros(int(positions.sum()), own.shape[-1])
+            merged[mine] = own
+            merged[theirs] = added.to(own.dtype)
+            layers.append(merged)
+        return DeepStackFeatures(positions, layers)
+
+    def decoder_kwargs(self, start: int, end: int) -> dict:
+        """The text model's DeepStack inputs for a decoder pass over input columns [start, end) (none if no position
+        lies there)."""
+        positions = self.positions[:, start:end]
+        if not positions.any():
+            return {}
+        if (start, end) == (0, self.positions.shape[1]):
+            return {"visual_pos_masks": positions, "deepstack_visual_embeds": self.layers}
+        order = torch.zeros(self.positions.shape, dtype=torch.long, device=positions.device)
+        order[self.positions] = torch.arange(int(self.positions.sum()), device=positions.device)
+        rows = order[:, start:end][positions]
+        return {"visual_pos_masks": positions, "deepstack_visual_embeds": [layer[rows] for layer in self.layers]}
 
 
 class _ZeroContribution:
@@ -234,7 +281,16 @@ class VPTModelMixin(VPTPreTrainedMixin):
             return self.uniform_module_calls
         return is_deepspeed_zero3_enabled() or _fsdp_enabled()
 
-    def get_inputs_embeds(
+    def get_vision_features(
+        self, pixel_values: torch.Tensor, grid_thw: torch.LongTensor, videos: bool = False
+    ) -> EncodedImages:
+        """The base's vision tower on images (`get_image_features`) or videos (`get_video_features`): one feature
+        tensor per image and, for a base whose tower makes them, the DeepStack features. A DeepStack base (Qwen3-VL)
+        overrides this to unpack them; by default there are none."""
+        encode = self.get_video_features if videos else self.get_image_features
+        return EncodedImages(pixel_values, grid_thw, tuple(encode(pixel_values, grid_thw)))
+
+    def embed_inputs(
         self,
         input_ids: torch.LongTensor,
         pixel_values: torch.Tensor | None = None,
@@ -242,9 +298,10 @@ class VPTModelMixin(VPTPreTrainedMixin):
         pixel_values_videos: torch.FloatTensor | None = None,
         video_grid_thw: torch.LongTensor | None = None,
         extra_image_inputs: dict | None = None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, Optional[DeepStackFeatures]]:
         """The token embeddings of `input_ids` with the original images and videos scattered into their pad tokens,
-        as stock Qwen2-VL's forward builds `inputs_embeds` (VPT pads keep their token embeddings).
+        as the base's forward builds `inputs_embeds` (VPT pads keep their token embeddings), and the DeepStack
+        features of those images and videos at their pad positions (None for a base without DeepStack).
 
         Args:
             extra_image_inputs (`dict`, *optional*):
@@ -254,20 +311,41 @@ class VPTModelMixin(VPTPreTrainedMixin):
                 features instead of a second vision-tower pass.
         """
         embeds = self.get_input_embeddings()(input_ids)
+        deepstack = None
         if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values, image_grid_thw)
+            encoded = self.get_vision_features(pixel_values, image_grid_thw)
             if extra_image_inputs is not None and extra_image_inputs.get("clip_pixel_values") is not None:
-                extra_image_inputs[ENCODED_IMAGES] = (pixel_values, image_grid_thw, image_features)
-            image_embeds = torch.cat(image_features, dim=0)
-            image_embeds = image_embeds.to(embeds.device, embeds.dtype)
+                extra_image_inputs[ENCODED_IMAGES] = encoded
+            image_embeds = torch.cat(encoded.features, dim=0).to(embeds.device, embeds.dtype)
             image_mask, _ = self.get_placeholder_mask(input_ids, embeds, image_features=image_embeds)
             embeds = embeds.masked_scatter(image_mask, image_embeds)
+            if encoded.deepstack is not None:
+                deepstack = DeepStackFeatures(image_mask[..., 0], encoded.deepstack)
         if pixel_values_videos is not None:
-            video_embeds = torch.cat(self.get_video_features(pixel_values_videos, video_grid_thw), dim=0)
-            video_embeds = video_embeds.to(embeds.device, embeds.dtype)
+            encoded = self.get_vision_features(pixel_values_videos, video_grid_thw, videos=True)
+            video_embeds = torch.cat(encoded.features, dim=0).to(embeds.device, embeds.dtype)
             _, video_mask = self.get_placeholder_mask(input_ids, embeds, video_features=video_embeds)
             embeds = embeds.masked_scatter(video_mask, video_embeds)
-        return embeds
+            if encoded.deepstack is not None:
+                deepstack = DeepStackFeatures(video_mask[..., 0], encoded.deepstack).merge(deepstack)
+        return embeds, deepstack
+
+    def get_inputs_embeds(self, input_ids: torch.LongTensor, *args, **kwargs) -> torch.Tensor:
+        """The input embeddings of `embed_inputs` (same arguments), without the DeepStack features."""
+        return self.embed_inputs(input_ids, *args, **kwargs)[0]
+
+    def get_extra_deepstack(
+        self, deepstack: Optional[DeepStackFeatures], extra_images: list[ExtraImageFeatures]
+    ) -> Optional[DeepStackFeatures]:
+        """`deepstack` (the original images' and videos') plus the DeepStack features of the extra images that enter
+        the decoder with them: on a DeepStack base, the clip branch's re-encoded images at their pad positions when
+        `config.clip_deepstack` is on. DINOv2 and SAM features never have any."""
+        if not getattr(self.config, "clip_deepstack", False):
+            return deepstack
+        for images in extra_images:
+            if images.deepstack is not None and not images.dummy:
+                deepstack = DeepStackFeatures(images.pad_mask, images.deepstack).merge(deepstack)
+        return deepstack
 
     def get_position_ids(
         self,
@@ -334,14 +412,20 @@ class VPTModelMixin(VPTPreTrainedMixin):
                         missing = f"the '{kind}' branch is not built" if kind not in built else f"no {key} were given"
                         raise ValueError(f"Sample {row} has {count} {branch.tokens.image_pad} tokens but {missing}")
                 if uniform and kind in built:
-                    features, tokens_per_image = branch.encode(self, branch.dummy_inputs(self.config, input_ids.device))
-                    collected.append(ExtraImageFeatures(branch, features, tokens_per_image, [], pad_mask, dummy=True))
+                    features, tokens_per_image, deepstack = branch.encode(
+                        self, branch.dummy_inputs(self.config, input_ids.device)
+                    )
+                    collected.append(
+                        ExtraImageFeatures(branch, features, tokens_per_image, [], pad_mask, True, deepstack=deepstack)
+                    )
                 continue
             if pad_id is None:
                 raise ValueError(f"{key} were given but config.{branch.tokens.image_token_id_field} is not set")
-            features, tokens_per_image = branch.encode(self, extra)
+            features, tokens_per_image, deepstack = branch.encode(self, extra)
             image_rows = _assign_images_to_rows(pad_counts, tokens_per_image.tolist(), branch)
-            collected.append(ExtraImageFeatures(branch, features, tokens_per_image, image_rows, pad_mask))
+            collected.append(
+                ExtraImageFeatures(branch, features, tokens_per_image, image_rows, pad_mask, deepstack=deepstack)
+            )
         return collected
 
     def _has_vpt_tokens(self, input_ids: torch.LongTensor) -> bool:
@@ -444,7 +528,11 @@ class VPTModelMixin(VPTPreTrainedMixin):
                     mask[row, starts[paragraph] + 1 : ends[paragraph]] = True  # delimiters stay visible
         return mask
 
-    def _decode(self, embeds, attention_mask, position_ids, past_key_values, cache_position, use_cache, **kwargs):
+    def _decode(self, embeds, attention_mask, position_ids, past_key_values, cache_position, use_cache,
+                deepstack: Optional[DeepStackFeatures] = None, start: int = 0, **kwargs):
+        """One decoder pass over input columns [start, start + embeds.shape[1]), with their DeepStack features."""
+        if deepstack is not None:
+            kwargs.update(deepstack.decoder_kwargs(start, start + embeds.shape[1]))
         return self.language_model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -464,14 +552,14 @@ class VPTModelMixin(VPTPreTrainedMixin):
         if (
             query_end - query_start in (1, key_end)  # transformers' own path: no mask or `is_causal`
             or decoder.config._attn_implementation != "sdpa"
-            or decoder.has_sliding_layers
+            or getattr(decoder, "has_sliding_layers", False)
             or (mask is not None and (mask.dim() != 2 or mask.shape[1] != key_end))
         ):
             return mask
-        return _causal_mask_mapping(mask, cache_position[query_start:query_end], key_end, batch_size)
+        return _causal_mask(mask, cache_position[query_start:query_end], key_end, batch_size)
 
     def _pass_one(self, embeds, attention_mask, position_ids, past_key_values, cache_position, action_mask,
-                  prev_hidden_state, zero=None, **kwargs) -> tuple[torch.Tensor, Optional[_PassOne]]:
+                  prev_hidden_state, zero=None, deepstack=None, **kwargs) -> tuple[torch.Tensor, Optional[_PassOne]]:
         """Pass 1: `control[:, t]` is the control state of an action token at t (the final hidden state at t-1).
 
         Causality makes everything after the last action token irrelevant to pass 1, so it stops there. Its keys and
@@ -486,7 +574,7 @@ class VPTModelMixin(VPTPreTrainedMixin):
         if end == 0 and zero is not None:  # uniform mode: pass 1 still runs, over the first column only
             dummy = self._decode(
                 embeds[:, :1], _slice_mask(attention_mask, 0, 1, 1), position_ids[..., :1], None, cache_position[:1],
-                use_cache=False, **kwargs,
+                use_cache=False, deepstack=deepstack, **kwargs,
             )
             zero.add(dummy.last_hidden_state)
         if end > 0:
@@ -504,6 +592,7 @@ class VPTModelMixin(VPTPreTrainedMixin):
                 cache,
                 cache_position[:end],
                 use_cache=cache is not None,
+                deepstack=deepstack,
                 **kwargs,
             )
             control[:, 1 : end + 1] = pass1.last_hidden_state
@@ -568,7 +657,8 @@ class VPTModelMixin(VPTPreTrainedMixin):
                 pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
                 rope_deltas=rope_deltas, cache_position=cache_position, return_dict=True, **rope_inputs, **kwargs,
             )
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if use_cache is None:  # Qwen3-VL keeps it in the text config only
+            use_cache = getattr(self.config, "use_cache", self.config.text_config.use_cache)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -587,19 +677,25 @@ class VPTModelMixin(VPTPreTrainedMixin):
         zero = _ZeroContribution() if past_length == 0 and self.uses_uniform_module_calls else None
         has_extra = any(value is not None for value in extra.values())
         # In uniform mode the clip branch never reuses encoded images: the vision tower's calls would differ by rank.
-        embeds = self.get_inputs_embeds(
+        embeds, deepstack = self.embed_inputs(
             input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
             extra_image_inputs=extra if zero is None else None,
         )
         if pixel_values is None and zero is not None:  # uniform mode: the vision tower runs on a blank image
-            dummy_pixels, dummy_grid = vision_tower_dummy_inputs(self.config.vision_config, input_ids.device)
-            zero.add(torch.cat(self.get_image_features(dummy_pixels, dummy_grid), dim=0))
+            dummy = self.get_vision_features(*vision_tower_dummy_inputs(self.config.vision_config, input_ids.device))
+            for output in (*dummy.features, *(dummy.deepstack or ())):
+                zero.add(output)
         if zero is not None or has_extra or self._has_vpt_tokens(input_ids):
             extra_images = self.get_extra_image_features(input_ids, extra, uniform=zero is not None)
             action_mask = self.get_action_mask(input_ids)
         else:  # most decode steps: no VPT pad or action token, so one plain pass (one scan, one host sync)
             extra_images, action_mask = [], None
         real_images = [images for images in extra_images if not images.dummy]
+        if zero is not None:  # DeepStack mergers whose output a batch does not use still get a (zero) gradient
+            for images in extra_images:
+                for layer in images.deepstack or ():
+                    zero.add(layer)
+        deepstack = self.get_extra_deepstack(deepstack, extra_images)
         unconditioned = embeds
         for images in extra_images:
             unconditioned = self._scatter(unconditioned, images, zero=zero)
@@ -622,7 +718,7 @@ class VPTModelMixin(VPTPreTrainedMixin):
         else:
             control, prefix = self._pass_one(
                 unconditioned, attention_mask, position_ids, past_key_values, cache_position, action_mask,
-                prev_hidden_state, zero, **kwargs,
+                prev_hidden_state, zero, deepstack, **kwargs,
             )
             changed = action_mask.clone()
             final_embeds = embeds
@@ -656,12 +752,17 @@ class VPTModelMixin(VPTPreTrainedMixin):
                 cache,
                 cache_position[start:],
                 use_cache=True,
+                deepstack=deepstack,
+                start=start,
                 **kwargs,
             )
             hidden_states = torch.cat([prefix.hidden_states[:, :start], outputs.last_hidden_state], dim=1)
             past_out = cache if use_cache else None
         else:
-            outputs = self._decode(final_embeds, past_key_values=past_key_values, use_cache=use_cache, **decoder_kwargs)
+            outputs = self._decode(
+                final_embeds, past_key_values=past_key_values, use_cache=use_cache, deepstack=deepstack,
+                **decoder_kwargs,
+            )
             hidden_states, past_out = outputs.last_hidden_state, outputs.past_key_values
         if zero is not None:
             hidden_states = zero.attach(hidden_states)
@@ -967,7 +1068,7 @@ def _slice_mask(mask: Optional[torch.Tensor], query_start: int, query_end: int, 
     return mask[..., query_start:query_end, :key_end]
 
 
-def _causal_mask_mapping(mask: Optional[torch.Tensor], queries: torch.Tensor, key_end: int, batch_size: int):
+def _causal_mask(mask: Optional[torch.Tensor], queries: torch.Tensor, key_end: int, batch_size: int):
     """SDPA's boolean 4-D mask for queries at cache positions `queries` over keys [0, key_end), built by broadcasting.
 
     It is the mask transformers builds (key <= query, padding keys masked) when queries and keys differ in length and
@@ -976,7 +1077,7 @@ def _causal_mask_mapping(mask: Optional[torch.Tensor], queries: torch.Tensor, ke
     """
     causal = torch.arange(key_end, device=queries.device) <= queries[:, None]
     causal = causal.expand(batch_size, 1, -1, -1) if mask is None else causal & mask[:, None, None, :].bool()
-    return {"full_attention": causal}
+    return causal  # a 4-D mask: every Qwen-VL text model uses it as it is
 
 
 def _fork_cache(cache: Cache) -> DynamicCache:
@@ -1010,6 +1111,7 @@ def _assign_images_to_rows(pad_counts: list[int], tokens_per_image: list[int], b
 
 __all__ = [
     "BRANCH_MODULES",
+    "DeepStackFeatures",
     "EXTRA_IMAGE_INPUTS",
     "ExtraImageFeatures",
     "VPTCausalLMOutputWithPast",

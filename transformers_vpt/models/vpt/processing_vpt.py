@@ -13,6 +13,7 @@ video outputs (e.g. Qwen2.5-VL's ``second_per_grid_ts``) and its kwargs types; t
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import re
@@ -95,6 +96,7 @@ _DATASET_PLACEHOLDERS = {
 # Chat-template style text already has the wrapper around a single pad token.
 _PLACEHOLDERS = {
     **{placeholder: (kind, True) for kind, placeholder in _DATASET_PLACEHOLDERS.items()},
+    VISION_START + VIDEO_PAD + VISION_END: ("video", True),  # whole, so that a base can expand it into frames
     **{pad: (kind, False) for kind, pad in _PAD_TOKENS.items()},
 }
 _PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in _PLACEHOLDERS))
@@ -138,9 +140,10 @@ def _channels_last(processor: Any, images: list) -> dict[str, str]:
     return {"input_data_format": "channels_last"} if pil and not getattr(processor, "is_fast", False) else {}
 
 
-def _build_chat_template() -> str:
+def build_chat_template(default_system: str | None = "You are a helpful assistant.") -> str:
     """Qwen2-VL's chat template (Qwen2.5-VL's is the same), extended with ``detection_image`` / ``seg_image`` /
-    ``clip_image`` content parts."""
+    ``clip_image`` content parts. ``default_system``: the system turn rendered when a conversation has none (None:
+    no system turn, as Qwen3-VL's template)."""
 
     def emit(text: str) -> str:
         return "{{- " + repr(text) + " -}}"
@@ -156,9 +159,13 @@ def _build_chat_template() -> str:
         "{%- set image_count = namespace(value=0) -%}"
         "{%- set video_count = namespace(value=0) -%}"
         "{%- for message in messages -%}"
-        "{%- if loop.first and message['role'] != 'system' -%}"
-        + emit(f"{IM_START}system\nYou are a helpful assistant.{IM_END}\n")
-        + "{%- endif -%}"
+        + (
+            "{%- if loop.first and message['role'] != 'system' -%}"
+            + emit(f"{IM_START}system\n{default_system}{IM_END}\n")
+            + "{%- endif -%}"
+            if default_system is not None
+            else ""
+        )
         + emit(IM_START)
         + "{{- message['role'] -}}"
         + emit("\n")
@@ -179,7 +186,7 @@ def _build_chat_template() -> str:
     )
 
 
-VPT_CHAT_TEMPLATE = _build_chat_template()
+VPT_CHAT_TEMPLATE = build_chat_template()
 """The default chat template: Qwen2-VL's rendering, which Qwen2.5-VL shares (default system prompt,
 ``<|im_start|>role\\n...<|im_end|>\\n``, ``add_vision_id``), where ``detection_image`` / ``seg_image`` /
 ``clip_image`` content parts render as ``<|vision_start|><|detection_image_pad|><|vision_end|>`` etc. Messages with
@@ -420,6 +427,7 @@ class VPTProcessorMixin:
         num_detection_images: int = 0,
         num_seg_images: int = 0,
         images_per_sample: Mapping[str, Sequence[int] | None] | None = None,
+        video_metadata: Sequence[Any] | None = None,
     ) -> list[str]:
         """Expand every visual placeholder into ``<|vision_start|>`` + pad tokens + ``<|vision_end|>``.
 
@@ -435,6 +443,8 @@ class VPTProcessorMixin:
             num_seg_images: Number of seg (SAM) images.
             images_per_sample: Optional per-text input counts by kind (from inputs nested per sample); when given
                 for a kind, each text must have exactly that many placeholders of the kind.
+            video_metadata: One entry per video (the video processor's ``video_metadata``), for a base whose video
+                text depends on it (Qwen3-VL's frame timestamps; see [`expand_video`]).
 
         Raises:
             ValueError: A text's placeholder count does not match its inputs (the message names the text index and
@@ -461,13 +471,24 @@ class VPTProcessorMixin:
             )
 
         remaining = {kind: iter(sizes) for kind, sizes in tokens_per_input.items()}
+        video_grids = video_grid_thw if video_grid_thw is not None else ()
+        videos = iter(zip(video_grids, video_metadata or itertools.repeat(None)))
 
         def expand(match: re.Match) -> str:
             kind, wrap = _PLACEHOLDERS[match.group(0)]
+            if kind == "video":
+                return self.expand_video(*next(videos), wrap=wrap)
             pads = _PAD_TOKENS[kind] * next(remaining[kind])
             return VISION_START + pads + VISION_END if wrap else pads
 
         return [_outside_literals(t, lambda part: _PLACEHOLDER_RE.sub(expand, part)) for t in texts]
+
+    def expand_video(self, grid_thw: Sequence[int], metadata: Any = None, wrap: bool = True) -> str:
+        """The text one video placeholder becomes: ``<|vision_start|>`` + its pad tokens + ``<|vision_end|>`` (only
+        the pads when ``wrap`` is False: the text already has the delimiters). ``metadata``: the video's entry of the
+        video processor's ``video_metadata``, unused here; a base whose video text depends on it overrides this."""
+        pads = VIDEO_PAD * self.num_image_tokens("video", grid_thw)
+        return VISION_START + pads + VISION_END if wrap else pads
 
     def _check_placeholder_counts(
         self, kind: str, placeholders: list[int], num_inputs: int, inputs_per_sample: Sequence[int] | None
@@ -553,6 +574,7 @@ class VPTProcessorMixin:
                 inputs.update(self.preprocess_extra_images(kind, flat, **output_kwargs["images_kwargs"]))
         if videos is not None:
             inputs.update(self.preprocess_videos(videos, **output_kwargs["videos_kwargs"]))
+        video_metadata = inputs.pop("video_metadata", None)  # read by `expand_video`, not a model input
 
         texts = self.expand_placeholders(
             text,
@@ -562,6 +584,7 @@ class VPTProcessorMixin:
             num_detection_images=len(inputs.get("detection_images", ())),
             num_seg_images=len(inputs.get("seg_images", ())),
             images_per_sample=per_sample,
+            video_metadata=video_metadata,
         )
         text_inputs = self._tokenize(texts, text_kwargs)
         self._check_pad_counts(texts, text_inputs["input_ids"])
@@ -653,6 +676,7 @@ __all__ = [
     "MODALITIES",
     "VPT_CHAT_TEMPLATE",
     "VPTProcessorKwargs",
+    "build_chat_template",
     "VPTProcessorMixin",
     "split_literal",
     "strip_literal_markers",
