@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import warnings
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,7 +19,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from transformers import AutoModelForImageTextToText, LogitsProcessor, LogitsProcessorList
-
 
 from transformers_vpt.pipeline import VPTPipeline, build_user_text, cap_image
 from transformers_vpt.regions import box_to_region_text
@@ -138,19 +136,46 @@ def collate(samples: list[Sample], padding_side="right") -> dict:
 @contextmanager
 def recorded_calls(modules: dict[str, torch.nn.Module], backward: bool = False):
     """Record, in order, the names of the ``modules`` whose forward runs inside the block, and with ``backward``
-    those whose backward runs: yields ``(forward, backward)`` lists filled as they run."""
+    those whose backward runs: yields ``(forward, backward)`` lists filled as they run.
+
+    A module's backward is recorded when the gradient of its (first) output tensor arrives, through an identity
+    autograd function on that output, as DeepSpeed ZeRO-3 hooks modules (PyTorch's full backward hooks return views,
+    which Qwen3-VL's in-place DeepStack addition may not modify)."""
     forward_calls, backward_calls, handles = [], [], []
+
+    def hook(module, args, output, name):
+        forward_calls.append(name)
+        if not backward:
+            return None
+        if isinstance(output, torch.Tensor):
+            return _RecordBackward.apply(output, backward_calls, name) if output.requires_grad else None
+        if isinstance(output, tuple) and not hasattr(output, "keys"):
+            for i, item in enumerate(output):
+                if isinstance(item, torch.Tensor) and item.requires_grad:
+                    return (*output[:i], _RecordBackward.apply(item, backward_calls, name), *output[i + 1 :])
+        return None  # modules returning ModelOutput objects get no backward record; their layers do
+
     for name, module in modules.items():
-        handles.append(module.register_forward_hook(lambda *_, name=name: forward_calls.append(name)))
-        if backward:
-            handles.append(module.register_full_backward_pre_hook(lambda *_, name=name: backward_calls.append(name)))
+        handles.append(module.register_forward_hook(lambda *hook_args, name=name: hook(*hook_args, name)))
     try:
-        with warnings.catch_warnings():  # modules returning ModelOutput objects get no backward hook; their layers do
-            warnings.filterwarnings("ignore", "For backward hooks to be called")
-            yield forward_calls, backward_calls
+        yield forward_calls, backward_calls
     finally:
         for handle in handles:
             handle.remove()
+
+
+class _RecordBackward(torch.autograd.Function):
+    """The identity (a copy, not a view), which records ``name`` when its gradient passes."""
+
+    @staticmethod
+    def forward(ctx, tensor, calls, name):
+        ctx.calls, ctx.name = calls, name
+        return tensor.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.calls.append(ctx.name)
+        return grad, None, None
 
 
 def spy_generate(pipeline, monkeypatch) -> list[tuple[dict, torch.Tensor]]:
