@@ -10,7 +10,9 @@ A base provides its stock ``…Model`` and ``…ForConditionalGeneration`` (Qwen
 
 The base's own methods do the base's work: `get_image_features`, `get_video_features`, `get_placeholder_mask`,
 `get_rope_index` (called with keywords; `rope_index_inputs` names the base's extra inputs, e.g. Qwen2.5-VL's
-`second_per_grid_ts`), `language_model`, `visual`.
+`second_per_grid_ts`), `language_model`, `visual`. A base whose vision tower also returns DeepStack features
+(Qwen3-VL) unpacks them in `get_vision_features`; the layer then adds them after the first decoder layers at the
+image and video positions in every decoder pass (`DeepStackFeatures`), as the base's own forward does.
 
 The forward. Pass 1 runs the decoder up to the last re-encoding action token; the final hidden state of the token
 right before each `<|*_action|>` (its `<|*_action_start|>`) is that action's *control state*. Pass 2 runs the
