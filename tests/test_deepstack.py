@@ -180,3 +180,12 @@ def test_video_deepstack_enters_both_passes(qwen3):
     assert int(is_video.sum()) == 8
     for ours, theirs in zip(pass_one["layers"], videos):
         assert torch.equal(ours[is_video], theirs)
+
+
+def test_clip_deepstack_is_saved_and_validated(tmp_path):
+    model = make_model(base="qwen3_vl", clip_deepstack=False)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    assert loaded.config.clip_deepstack is False
+    with pytest.raises(ValueError, match="clip_deepstack must be true or false, got 'yes'"):
+        type(model.config)(clip_deepstack="yes")
