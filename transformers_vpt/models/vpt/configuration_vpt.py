@@ -56,6 +56,20 @@ TOKEN_ID_FIELDS = tuple(
 ) + ("para_start_id", "para_end_id")
 
 
+class VPTDetectionConfig(Dinov2Config):
+    """The DINOv2 encoder of the `dino` branch: a [`Dinov2Config`] stored under ``detection_config``, so that
+    ``VPTDetectionConfig.from_pretrained(vpt_dir)`` reads it from a VPT model's config.json."""
+
+    base_config_key = "detection_config"
+
+
+class VPTSegConfig(SamVisionConfig):
+    """The SAM vision encoder of the `sam` branch: a [`SamVisionConfig`] stored under ``seg_config``. (Stock
+    `SamVisionConfig` reads ``vision_config``, which in a VPT config is the Qwen-VL vision tower's.)"""
+
+    base_config_key = "seg_config"
+
+
 def _sub_config(name: str, value, config_class, defaults: dict):
     if value is None:
         return config_class(**defaults)
@@ -63,10 +77,12 @@ def _sub_config(name: str, value, config_class, defaults: dict):
         return config_class(**value)
     if isinstance(value, config_class):
         return value
+    if isinstance(value, config_class.__mro__[1]):  # the stock class: the same fields
+        return config_class(**value.to_dict())
     raise ValueError(f"{name} must be a dict or {config_class.__name__}, got {type(value).__name__}")
 
 
-VPT_SUB_CONFIGS = {"detection_config": Dinov2Config, "seg_config": SamVisionConfig}
+VPT_SUB_CONFIGS = {"detection_config": VPTDetectionConfig, "seg_config": VPTSegConfig}
 """The sub-configs VPT adds to a base's: the DINOv2 encoder and the SAM vision encoder."""
 
 
@@ -128,8 +144,8 @@ class VPTConfigMixin:
         # The VPT fields are named parameters so that a legacy flat config never forwards them into `text_config`.
         kwargs.pop("alignment", None)  # dead flag of the released configs
         super().__init__(text_config=text_config, vision_config=vision_config, **kwargs)  # the base's config
-        self.detection_config = _sub_config("detection_config", detection_config, Dinov2Config, DINOV2_LARGE)
-        self.seg_config = _sub_config("seg_config", seg_config, SamVisionConfig, SAM_VIT_LARGE)
+        self.detection_config = _sub_config("detection_config", detection_config, VPTDetectionConfig, DINOV2_LARGE)
+        self.seg_config = _sub_config("seg_config", seg_config, VPTSegConfig, SAM_VIT_LARGE)
 
         self.detection_image_token_id = detection_image_token_id
         self.detection_action_id = detection_action_id
@@ -185,4 +201,12 @@ class VPTConfigMixin:
             raise ValueError("para_mask_id > 0 needs para_start_id and para_end_id (the <|im_start|>/<|im_end|> ids)")
 
 
-__all__ = ["DINOV2_LARGE", "SAM_VIT_LARGE", "TOKEN_ID_FIELDS", "VPT_SUB_CONFIGS", "VPTConfigMixin"]
+__all__ = [
+    "DINOV2_LARGE",
+    "SAM_VIT_LARGE",
+    "TOKEN_ID_FIELDS",
+    "VPT_SUB_CONFIGS",
+    "VPTConfigMixin",
+    "VPTDetectionConfig",
+    "VPTSegConfig",
+]

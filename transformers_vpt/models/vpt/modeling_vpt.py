@@ -646,7 +646,8 @@ class VPTModelMixin(VPTPreTrainedMixin):
             Final hidden state of the position before `input_ids[:, 0]`; needed when a decode step starts with an
             action token (generation passes it).
         """
-        kwargs.pop("return_dict", None)  # always a VPTModelOutputWithPast
+        return_dict = kwargs.pop("return_dict", None)
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
         rope_inputs = {name: kwargs.pop(name) for name in self.rope_index_inputs if name in kwargs}
         extra = dict(zip(EXTRA_IMAGE_INPUTS, (detection_images, seg_images, clip_pixel_values, clip_images_grid_thw)))
         if input_ids is None:  # `inputs_embeds` only: the base's own forward
@@ -657,13 +658,24 @@ class VPTModelMixin(VPTPreTrainedMixin):
                 inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states, pixel_values=pixel_values,
                 pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
-                rope_deltas=rope_deltas, cache_position=cache_position, return_dict=True, **rope_inputs, **kwargs,
+                rope_deltas=rope_deltas, cache_position=cache_position, return_dict=return_dict, **rope_inputs,
+                **kwargs,
             )
         if use_cache is None:  # Qwen3-VL keeps it in the text config only
             use_cache = getattr(self.config, "use_cache", self.config.text_config.use_cache)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        # Uniform mode: what this batch does not need still runs, and joins the output multiplied by 0.
+        zero = _ZeroContribution() if past_length == 0 and self.uses_uniform_module_calls else None
+        has_extra = any(value is not None for value in extra.values())
+        # The images first, as the base's forward: too few or too many image tokens is its ValueError.
+        # In uniform mode the clip branch never reuses encoded images: the vision tower's calls would differ by rank.
+        embeds, deepstack = self.embed_inputs(
+            input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+            extra_image_inputs=extra if zero is None else None,
+        )
         if position_ids is None:
             position_ids = self.get_position_ids(
                 input_ids, attention_mask, image_grid_thw, video_grid_thw, cache_position, past_length, **rope_inputs
@@ -673,15 +685,6 @@ class VPTModelMixin(VPTPreTrainedMixin):
         decoder_kwargs = dict(
             attention_mask=attention_mask, position_ids=position_ids, cache_position=cache_position,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, **kwargs,
-        )
-
-        # Uniform mode: what this batch does not need still runs, and joins the output multiplied by 0.
-        zero = _ZeroContribution() if past_length == 0 and self.uses_uniform_module_calls else None
-        has_extra = any(value is not None for value in extra.values())
-        # In uniform mode the clip branch never reuses encoded images: the vision tower's calls would differ by rank.
-        embeds, deepstack = self.embed_inputs(
-            input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-            extra_image_inputs=extra if zero is None else None,
         )
         if pixel_values is None and zero is not None:  # uniform mode: the vision tower runs on a blank image
             dummy = self.get_vision_features(*vision_tower_dummy_inputs(self.config.vision_config, input_ids.device))
@@ -768,13 +771,14 @@ class VPTModelMixin(VPTPreTrainedMixin):
             hidden_states, past_out = outputs.last_hidden_state, outputs.past_key_values
         if zero is not None:
             hidden_states = zero.attach(hidden_states)
-        return VPTModelOutputWithPast(
+        output = VPTModelOutputWithPast(
             last_hidden_state=hidden_states,
             past_key_values=past_out,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             rope_deltas=self.rope_deltas,
         )
+        return output if return_dict else output.to_tuple()
 
 
 
@@ -1012,7 +1016,8 @@ class VPTForConditionalGenerationMixin(VPTPreTrainedMixin):
         r"""The VPT model's forward (`VPTModelMixin.forward`, which documents the VPT inputs), then the LM head and
         the loss: next-token cross-entropy in float32 on the labelled positions only. With `inputs_embeds` and no
         `input_ids`, the base's own forward."""
-        kwargs.pop("return_dict", None)  # always a VPTCausalLMOutputWithPast
+        return_dict = kwargs.pop("return_dict", None)
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
         if input_ids is None:
             extra = (detection_images, seg_images, clip_pixel_values, clip_images_grid_thw)
             if any(value is not None for value in extra):
@@ -1022,7 +1027,7 @@ class VPTForConditionalGenerationMixin(VPTPreTrainedMixin):
                 inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states, pixel_values=pixel_values,
                 pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
-                rope_deltas=rope_deltas, cache_position=cache_position, **kwargs,
+                rope_deltas=rope_deltas, cache_position=cache_position, return_dict=return_dict, **kwargs,
             )
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -1031,7 +1036,7 @@ class VPTForConditionalGenerationMixin(VPTPreTrainedMixin):
             pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
             rope_deltas=rope_deltas, cache_position=cache_position, detection_images=detection_images,
             seg_images=seg_images, clip_pixel_values=clip_pixel_values, clip_images_grid_thw=clip_images_grid_thw,
-            prev_hidden_state=prev_hidden_state, **kwargs,
+            prev_hidden_state=prev_hidden_state, return_dict=True, **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         loss = None
@@ -1039,7 +1044,7 @@ class VPTForConditionalGenerationMixin(VPTPreTrainedMixin):
             loss, logits = self._loss(hidden_states, labels, kwargs.get("num_items_in_batch"))
         else:
             logits = self.lm_head(hidden_states)
-        return VPTCausalLMOutputWithPast(
+        output = VPTCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
@@ -1048,6 +1053,7 @@ class VPTForConditionalGenerationMixin(VPTPreTrainedMixin):
             rope_deltas=outputs.rope_deltas,
             last_hidden_state=hidden_states[:, -1],
         )
+        return output if return_dict else output.to_tuple()
 
 
 def _branch_module_property(name: str) -> property:
