@@ -31,6 +31,8 @@ class VPTActionLogitsProcessor(LogitsProcessor):
         self.starts = torch.tensor(list(action_after_start), dtype=torch.long)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] == 0:  # generation from `inputs_embeds` only: no token yet
+            return scores
         last = input_ids[:, -1]
         if self.starts.device != last.device:
             self.starts = self.starts.to(last.device)

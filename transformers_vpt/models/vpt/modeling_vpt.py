@@ -970,10 +970,13 @@ class VPTForConditionalGenerationMixin(VPTPreTrainedMixin):
         processors = LogitsProcessorList([*first, *(logits_processor or []), *last])
         return super().generate(inputs, generation_config, processors, *args, **kwargs)
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, cache_position=None, **kwargs):
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, inputs_embeds=None, cache_position=None, **kwargs
+    ):
         prev_hidden_state = kwargs.pop("prev_hidden_state", None)
         inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, cache_position=cache_position, **kwargs
+            input_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds, cache_position=cache_position,
+            **kwargs,
         )
         if inputs["cache_position"][0] != 0:  # extra images live in the prefix, like pixel_values
             inputs.update(dict.fromkeys(EXTRA_IMAGE_INPUTS))
@@ -1015,23 +1018,12 @@ class VPTForConditionalGenerationMixin(VPTPreTrainedMixin):
     ) -> VPTCausalLMOutputWithPast:
         r"""The VPT model's forward (`VPTModelMixin.forward`, which documents the VPT inputs), then the LM head and
         the loss: next-token cross-entropy in float32 on the labelled positions only. With `inputs_embeds` and no
-        `input_ids`, the base's own forward."""
+        `input_ids`, the base model's own forward (no VPT token can be located) under the same head and loss."""
         return_dict = kwargs.pop("return_dict", None)
         return_dict = return_dict if return_dict is not None else self.config.use_return_dict
-        if input_ids is None:
-            extra = (detection_images, seg_images, clip_pixel_values, clip_images_grid_thw)
-            if any(value is not None for value in extra):
-                raise ValueError("VPT inputs need `input_ids` to locate their pad and action tokens")
-            return super().forward(
-                attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
-                inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states, pixel_values=pixel_values,
-                pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
-                rope_deltas=rope_deltas, cache_position=cache_position, return_dict=return_dict, **kwargs,
-            )
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache, output_attentions=output_attentions,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
             output_hidden_states=output_hidden_states, pixel_values=pixel_values,
             pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
             rope_deltas=rope_deltas, cache_position=cache_position, detection_images=detection_images,
