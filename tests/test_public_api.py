@@ -106,21 +106,20 @@ def test_vpt_processors_surround_the_user_list(tiny):
                                     model.config.detection_action_id, model.config.seg_action_id}
 
 
-@pytest.mark.parametrize("how", ["kwarg", "generation_config", "model_default"])
-def test_beam_search_is_refused_however_it_is_asked_for(tiny, how):
+@pytest.mark.parametrize("how", ["generation_config", "model_default"])
+def test_beam_search_runs_however_it_is_asked_for(tiny, how):
+    """`num_beams` as a kwarg, in a given generation config, or as the model's default: the same beam search."""
     model, processor, _ = tiny
     inputs = prompt_inputs(processor)
     saved = model.generation_config
+    expected = model.generate(**inputs, max_new_tokens=3, num_beams=2, do_sample=False)
     try:
-        if how == "kwarg":
-            kwargs = {"num_beams": 2}
-        elif how == "generation_config":
-            kwargs = {"generation_config": GenerationConfig(num_beams=2, max_new_tokens=2)}
+        if how == "generation_config":
+            kwargs = {"generation_config": GenerationConfig(num_beams=2, max_new_tokens=3, do_sample=False)}
         else:  # a default of the model's generation config reaches a given config that leaves it at its default
-            model.generation_config = GenerationConfig(**{**saved.to_diff_dict(), "num_beams": 2})
-            kwargs = {"generation_config": GenerationConfig(max_new_tokens=2)}
-        with pytest.raises(ValueError, match="beam search is not supported"):
-            model.generate(**inputs, max_new_tokens=2, **kwargs)
+            model.generation_config = GenerationConfig(**{**saved.to_diff_dict(), "num_beams": 2, "do_sample": False})
+            kwargs = {"generation_config": GenerationConfig(max_new_tokens=3)}
+        assert torch.equal(model.generate(**inputs, **kwargs), expected)
     finally:
         model.generation_config = saved
 

@@ -34,9 +34,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from packaging import version
 from torch import nn
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import ModelOutput
@@ -72,6 +71,10 @@ UNUSED_RELEASED_KEYS = (
 )
 RELEASED_CLIP_PROJECTOR = "depth_projector"
 """The released CLIP checkpoint's name of `clip_projector` (renamed on load)."""
+
+CONTROL_STATE_ATTR = "vpt_control_state"
+"""The attribute of a generation cache that holds each sequence's last final hidden state: the control state of an
+action token that starts the next decode step."""
 
 # Whether the `from_pretrained` call in progress may drop branches the config does not build (`drop_branches`).
 _DROP_BRANCHES: ContextVar[bool] = ContextVar("vpt_drop_branches", default=False)
@@ -929,24 +932,6 @@ class VPTForConditionalGenerationMixin(VPTPreTrainedMixin):
                 pads.append(pad)
         return action_after_start, pads
 
-    def _requested_num_beams(self, generation_config: GenerationConfig | None, kwargs: dict) -> int:
-        """The `num_beams` that `generate` will use, with `GenerationMixin.generate`'s precedence: `generate` kwargs,
-        then `generation_config`, whose values left at the global default take the model's `generation_config`
-        values (`use_model_defaults`, on by default for models saved by transformers >= 4.50), else the model's."""
-        if "num_beams" in kwargs:
-            return kwargs["num_beams"] or 1
-        if generation_config is None:
-            return self.generation_config.num_beams or 1
-        value, model_value = generation_config.num_beams, self.generation_config.num_beams
-        use_model_defaults = kwargs.get("use_model_defaults")
-        if use_model_defaults is None:
-            saved_by = version.parse(version.parse(self.generation_config.transformers_version or "0").base_version)
-            use_model_defaults = saved_by >= version.parse("4.50.0")
-        default = GenerationConfig().num_beams
-        if use_model_defaults and value == default and model_value != default:
-            value = model_value
-        return value or 1
-
     def generate(self, inputs=None, generation_config=None, logits_processor=None, *args, **kwargs):
         r"""[`~GenerationMixin.generate`] with the VPT generation rules.
 
@@ -956,17 +941,11 @@ class VPTForConditionalGenerationMixin(VPTPreTrainedMixin):
         length ...) and before the sampling warpers (temperature, top-k, top-p ...); every warper keeps the single
         finite score a forced row has, so the forced token always wins.
 
-        Beam search is refused (`ValueError`) when the model has re-encoding branches: the control state carried
-        between decode steps (`prev_hidden_state`) is per sequence and is not reordered with the beams. Greedy
-        decoding and sampling are supported.
+        Every decoding strategy works, beam search included: the control state carried from one decode step to the
+        next rides on the cache and is reordered with it (`_reorder_cache`), and the extra images of the prompt are
+        expanded per sample with its beams or return sequences (`_expand_inputs_for_generation`).
         """
         first, last = self.get_vpt_logits_processors()
-        num_beams = self._requested_num_beams(generation_config, kwargs) if last else 1
-        if num_beams > 1:
-            raise ValueError(
-                f"num_beams={num_beams}: beam search is not supported by a VPT model with re-encoding branches "
-                f"({', '.join(self.config.vision_encoder_ls)}); use greedy decoding or sampling"
-            )
         processors = LogitsProcessorList([*first, *(logits_processor or []), *last])
         return super().generate(inputs, generation_config, processors, *args, **kwargs)
 
@@ -974,6 +953,8 @@ class VPTForConditionalGenerationMixin(VPTPreTrainedMixin):
         self, input_ids, past_key_values=None, inputs_embeds=None, cache_position=None, **kwargs
     ):
         prev_hidden_state = kwargs.pop("prev_hidden_state", None)
+        if prev_hidden_state is None and past_key_values is not None:
+            prev_hidden_state = getattr(past_key_values, CONTROL_STATE_ATTR, None)
         inputs = super().prepare_inputs_for_generation(
             input_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds, cache_position=cache_position,
             **kwargs,
@@ -986,10 +967,58 @@ class VPTForConditionalGenerationMixin(VPTPreTrainedMixin):
     # A private GenerationMixin hook, overridden because generate has no public way to carry per-sequence model state
     # from one decode step to the next (Qwen2-VL keeps its rope deltas on the model instead, which is not per call):
     # the step after `<|x_action_start|>` needs that step's final hidden state as its action token's control state.
+    # It rides on the cache, per sequence, so that beam search reorders it with the cache (`_reorder_cache`).
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
-        model_kwargs["prev_hidden_state"] = outputs.last_hidden_state
+        cache = model_kwargs.get("past_key_values")
+        if cache is not None:
+            setattr(cache, CONTROL_STATE_ATTR, outputs.last_hidden_state)
+        model_kwargs.pop("prev_hidden_state", None)  # a caller's value served the first step only
         return model_kwargs
+
+    def _reorder_cache(self, past_key_values: Cache, beam_idx: torch.LongTensor) -> Cache:
+        """Beam search: the cache and the control state it carries follow the selected beams (the hook
+        `GenerationMixin` calls on models that carry more than keys and values)."""
+        past_key_values.reorder_cache(beam_idx)
+        state = getattr(past_key_values, CONTROL_STATE_ATTR, None)
+        if state is not None:
+            setattr(past_key_values, CONTROL_STATE_ATTR, state.index_select(0, beam_idx.to(state.device)))
+        return past_key_values
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """The base's expansion for beams and return sequences, plus the extra images: each sample's DINOv2, SAM and
+        clip images repeat with its rows, as its original images do (they have no batch dimension either)."""
+        extra = {key: model_kwargs.pop(key) for key in EXTRA_IMAGE_INPUTS if model_kwargs.get(key) is not None}
+        expanded_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        if extra and expand_size > 1:
+            if input_ids is None:
+                raise ValueError("VPT inputs need `input_ids` to locate their pad and action tokens")
+            extra = self._expand_extra_images(extra, input_ids, expand_size)
+        model_kwargs.update(extra)
+        return expanded_ids, model_kwargs
+
+    def _expand_extra_images(self, extra: dict, input_ids: torch.LongTensor, expand_size: int) -> dict:
+        """Repeat every sample's extra images `expand_size` times, sample by sample (images per sample: the runs of
+        the branch's pad token in its row)."""
+        expanded = {}
+        for branch in BRANCHES.values():
+            pad_id = self.model._branch_token_ids(branch, "image_token_id_field")
+            keys = ("clip_pixel_values", "clip_images_grid_thw") if branch.kind == "clip" else (branch.tokens.images_key,)
+            if pad_id is None or all(key not in extra for key in keys):
+                continue
+            is_pad = input_ids == pad_id
+            run_starts = is_pad & ~torch.nn.functional.pad(is_pad, (1, 0))[:, :-1]
+            images_per_row = run_starts.sum(1).tolist()
+            if branch.kind != "clip":
+                expanded[keys[0]] = _repeat_per_row(extra[keys[0]], images_per_row, expand_size)
+                continue
+            grid = extra["clip_images_grid_thw"]
+            patches_per_row = [int(rows.prod(-1).sum()) for rows in grid.split(images_per_row)]
+            expanded["clip_pixel_values"] = _repeat_per_row(extra["clip_pixel_values"], patches_per_row, expand_size)
+            expanded["clip_images_grid_thw"] = _repeat_per_row(grid, images_per_row, expand_size)
+        return {**extra, **expanded}
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -1057,6 +1086,11 @@ def _branch_module_property(name: str) -> property:
 
 for _name in BRANCH_MODULES:  # `model.detection_projector` ..., as `visual` and `language_model` are
     setattr(VPTForConditionalGenerationMixin, _name, _branch_module_property(_name))
+
+
+def _repeat_per_row(tensor: torch.Tensor, lengths: list[int], times: int) -> torch.Tensor:
+    """`tensor`'s rows split into consecutive chunks of `lengths` (one per sample), each repeated `times` times."""
+    return torch.cat([chunk.repeat(times, *[1] * (chunk.dim() - 1)) for chunk in tensor.split(lengths)])
 
 
 def _slice_mask(mask: Optional[torch.Tensor], query_start: int, query_end: int, key_end: int):
