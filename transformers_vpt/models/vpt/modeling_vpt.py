@@ -40,7 +40,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLCausalLMOutputWithPast
-from transformers.utils import logging
+from transformers.utils import is_torchdynamo_compiling, logging
 
 from ...generation import VPTActionLogitsProcessor, VPTSuppressTokensLogitsProcessor, vpt_suppressed_tokens
 from ...perception import (
@@ -613,6 +613,51 @@ class VPTModelMixin(VPTPreTrainedMixin):
             control[:, 0] = prev_hidden_state.to(control.dtype)
         return control, prefix
 
+    # ------------------------------------------------------------------ decode steps
+    def _is_token_step(self, input_ids: torch.LongTensor, past_key_values: Optional[Cache], visual: tuple) -> bool:
+        """Whether the forward is a decode step of one token over a cache, with no image: one decoder pass.
+
+        Compiled, the rule is the base's (one new token over a given cache is a decode step), with no host sync, so
+        that static-cache decoding compiles with ``fullgraph=True``. Eager, a step holding a VPT token takes the
+        full path, which checks it (a pad without images, an action of an unbuilt branch); its result is the same.
+        """
+        if input_ids.shape[1] != 1 or past_key_values is None or any(value is not None for value in visual):
+            return False
+        if is_torchdynamo_compiling():
+            return True
+        return past_key_values.get_seq_length() > 0 and not self._has_vpt_tokens(input_ids)
+
+    def _token_step(self, input_ids, attention_mask, position_ids, past_key_values, cache_position, use_cache,
+                    prev_hidden_state, **kwargs) -> VPTModelOutputWithPast:
+        """One decoder pass over one new token: an action token's input embedding is its control state (the final
+        hidden state of the previous position, `prev_hidden_state`), selected without a branch on the data."""
+        rope_inputs = {name: kwargs.pop(name) for name in self.rope_index_inputs if name in kwargs}
+        embeds = self.get_input_embeddings()(input_ids)
+        action_ids = [self._branch_token_ids(branch, "action_id_field") for branch in self.vpt_branches]
+        action_ids = [action for action in action_ids if action is not None]
+        if prev_hidden_state is not None and action_ids:
+            is_action = torch.zeros_like(input_ids, dtype=torch.bool)
+            for action in action_ids:
+                is_action = is_action | (input_ids == action)
+            embeds = torch.where(is_action[..., None], prev_hidden_state[:, None].to(embeds.dtype), embeds)
+        if cache_position is None:
+            past_length = past_key_values.get_seq_length()
+            cache_position = torch.arange(past_length, past_length + 1, device=input_ids.device)
+        if position_ids is None:
+            position_ids = self.get_position_ids(
+                input_ids, attention_mask, cache_position=cache_position, past_length=1, **rope_inputs
+            )
+        outputs = self._decode(
+            embeds, attention_mask, position_ids, past_key_values, cache_position, use_cache, **kwargs
+        )
+        return VPTModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            rope_deltas=self.rope_deltas,
+        )
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -653,6 +698,8 @@ class VPTModelMixin(VPTPreTrainedMixin):
         return_dict = return_dict if return_dict is not None else self.config.use_return_dict
         rope_inputs = {name: kwargs.pop(name) for name in self.rope_index_inputs if name in kwargs}
         extra = dict(zip(EXTRA_IMAGE_INPUTS, (detection_images, seg_images, clip_pixel_values, clip_images_grid_thw)))
+        if input_ids is not None and inputs_embeds is not None:
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if input_ids is None:  # `inputs_embeds` only: the base's own forward
             if any(value is not None for value in extra.values()):
                 raise ValueError("VPT inputs need `input_ids` to locate their pad and action tokens")
@@ -668,6 +715,14 @@ class VPTModelMixin(VPTPreTrainedMixin):
             use_cache = getattr(self.config, "use_cache", self.config.text_config.use_cache)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
+        visual = (pixel_values, pixel_values_videos, *extra.values())
+        if self._is_token_step(input_ids, past_key_values, visual):
+            output = self._token_step(
+                input_ids, attention_mask, position_ids, past_key_values, cache_position, use_cache,
+                prev_hidden_state, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                **rope_inputs, **kwargs,
+            )
+            return output if return_dict else output.to_tuple()
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
 
         # Uniform mode: what this batch does not need still runs, and joins the output multiplied by 0.
