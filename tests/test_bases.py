@@ -5,25 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import AutoModel, AutoModelForImageTextToText
-from utils import BASES, Sample, collate, make_model
+from utils import BASES, Sample, collate, make_model, stock_twin
 
 from transformers_vpt.models.bases import VPT_BASES
-from transformers_vpt.models.vpt.modeling_vpt import BRANCH_MODULES
 
-STOCK = {name: base.stock_model_class for name, base in VPT_BASES.items()}
 VPT_MODELS = {name: base.model_class.vpt_model_class for name, base in VPT_BASES.items()}
-
-
-def stock_twin(model, base: str):
-    """The stock model of ``base`` holding the VPT model's text and vision weights (branches left out)."""
-    stock_config = STOCK[base].config_class(**{
-        key: value for key, value in model.config.to_dict().items()
-        if key not in ("model_type", "architectures", "detection_config", "seg_config")
-    })
-    stock = STOCK[base](stock_config).eval()
-    missing, unexpected = stock.load_state_dict(model.state_dict(), strict=False)
-    assert not missing and all(key.removeprefix("model.").startswith(BRANCH_MODULES) for key in unexpected)
-    return stock
 
 
 @pytest.mark.parametrize("base", BASES)

@@ -20,6 +20,8 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import AutoModelForImageTextToText, LogitsProcessor, LogitsProcessorList
 
+from transformers_vpt.models.bases import VPT_BASES
+from transformers_vpt.models.vpt.modeling_vpt import BRANCH_MODULES
 from transformers_vpt.pipeline import VPTPipeline, build_user_text, cap_image
 from transformers_vpt.regions import box_to_region_text
 from transformers_vpt.tiny.model import TINY_BASES, TINY_DINO_TOKENS, TINY_SAM_TOKENS, tiny_config
@@ -59,6 +61,20 @@ def make_model(vision_encoder_ls=("dino", "sam", "clip"), seed=0, base="qwen2_vl
     torch.manual_seed(seed)
     config = tiny_config(vision_encoder_ls, token_ids=TOKEN_IDS, base=base, **overrides)
     return AutoModelForImageTextToText.from_config(config).eval()
+
+
+def stock_twin(model, base: str):
+    """The stock model of ``base`` (`VPT_BASES`) holding the VPT model's text and vision weights (branches left
+    out), in eval mode."""
+    stock_class = VPT_BASES[base].stock_model_class
+    stock_config = stock_class.config_class(**{
+        key: value for key, value in model.config.to_dict().items()
+        if key not in ("model_type", "architectures", "detection_config", "seg_config")
+    })
+    stock = stock_class(stock_config).eval()
+    missing, unexpected = stock.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all(key.removeprefix("model.").startswith(BRANCH_MODULES) for key in unexpected)
+    return stock
 
 
 def turn(role_token: int, body: list[int]) -> list[int]:
