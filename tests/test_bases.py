@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModel, AutoModelForImageTextToText
 from utils import BASES, Sample, collate, make_model, stock_twin
 
 from transformers_vpt.models.bases import VPT_BASES
+from transformers_vpt.models.vpt.modeling_vpt import BRANCH_MODULES
+
+
+def saved_keys(directory) -> list[str]:
+    with safe_open(directory / "model.safetensors", "pt") as saved:
+        return list(saved.keys())
+
 
 VPT_MODELS = {name: base.model_class.vpt_model_class for name, base in VPT_BASES.items()}
 
@@ -29,6 +37,9 @@ def test_without_vpt_tokens_the_logits_are_exactly_the_stock_models(base, paddin
 def test_save_load_round_trip_and_auto_classes(base, tmp_path):
     model = make_model(base=base, seed=5)
     model.save_pretrained(tmp_path)
+    keys = saved_keys(tmp_path)  # the released layout on every base: branch modules at the top level
+    assert set(BRANCH_MODULES) <= {key.split(".")[0] for key in keys}
+    assert not any(key.startswith(tuple(f"model.{name}." for name in BRANCH_MODULES)) for key in keys)
     loaded, info = AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=True)
     assert type(loaded) is type(model) and not info["missing_keys"] and not info["unexpected_keys"]
     ours, theirs = model.state_dict(), loaded.state_dict()

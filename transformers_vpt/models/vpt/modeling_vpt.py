@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, modeling_utils
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import ModelOutput
@@ -896,11 +896,22 @@ class VPTForConditionalGenerationMixin(VPTPreTrainedMixin):
                 Load such a checkpoint anyway, leaving those branches out (logged at WARNING). LLaMA-Factory:
                 `vpt_drop_branches: true`.
         """
+        if not _transformers_maps_keys(cls):  # transformers applies the mapping by itself only to the VLMs it lists
+            kwargs.setdefault("key_mapping", cls._checkpoint_conversion_mapping)
         token = _DROP_BRANCHES.set(bool(drop_branches))
         try:
             return super().from_pretrained(*args, **kwargs)
         finally:
             _DROP_BRANCHES.reset(token)
+
+    def save_pretrained(self, save_directory, *args, state_dict: Optional[dict] = None, **kwargs):
+        """`PreTrainedModel.save_pretrained` in the checkpoint layout of every base: the branch modules at the top
+        level (`detection_model.*`), as the released checkpoints have them. (transformers reverses
+        `_checkpoint_conversion_mapping` itself only for the VLM classes it lists: Qwen2-VL, Qwen2.5-VL.)"""
+        if not _transformers_maps_keys(type(self)):
+            state_dict = self.state_dict() if state_dict is None else state_dict
+            state_dict = {_checkpoint_key(key, self._checkpoint_conversion_mapping): v for key, v in state_dict.items()}
+        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
 
     def _adjust_missing_and_unexpected_keys(self, missing_keys, unexpected_keys, loading_task_model_from_base):
         missing, unexpected = super()._adjust_missing_and_unexpected_keys(
@@ -1141,6 +1152,21 @@ def _branch_module_property(name: str) -> property:
 
 for _name in BRANCH_MODULES:  # `model.detection_projector` ..., as `visual` and `language_model` are
     setattr(VPTForConditionalGenerationMixin, _name, _branch_module_property(_name))
+
+
+def _transformers_maps_keys(cls) -> bool:
+    """Whether transformers applies `cls._checkpoint_conversion_mapping` on load and save by itself (the class names
+    it lists in `modeling_utils.VLMS`)."""
+    names = [klass.__name__.lower() for klass in cls.__mro__[:-1]]
+    return any(allowed in name for name in names for allowed in modeling_utils.VLMS)
+
+
+def _checkpoint_key(key: str, mapping: dict[str, str]) -> str:
+    """The checkpoint name of module key `key`: the first rule of `mapping` (checkpoint -> module) reversed."""
+    for checkpoint_pattern, module_prefix in mapping.items():
+        if key.startswith(module_prefix + "."):
+            return checkpoint_pattern.lstrip("^") + key[len(module_prefix) :]
+    return key
 
 
 def _repeat_per_row(tensor: torch.Tensor, lengths: list[int], times: int) -> torch.Tensor:
