@@ -9,6 +9,7 @@ it saves and loads itself.
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -165,3 +166,9 @@ def test_save_and_load(processor, tmp_path):
         loaded(text=["<video>", "x<video>"], videos=videos, padding=True, return_tensors="pt"),
         processor(text=["<video>", "x<video>"], videos=videos, padding=True, return_tensors="pt"),
     )
+
+
+def test_expand_video_leaves_the_metadata_alone(processor):
+    metadata = SimpleNamespace(fps=2.0, frames_indices=[0, 1, 2])  # an odd count: the timestamps pad a copy
+    text = processor.expand_video((2, 4, 4), metadata)
+    assert metadata.frames_indices == [0, 1, 2] and text.count(" seconds>") == 2

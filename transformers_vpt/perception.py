@@ -133,7 +133,8 @@ class VisionBranch(abc.ABC):
     def encode(
         self, model, inputs: dict
     ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[list[torch.Tensor]]]:
-        """Run the encoder on this branch's inputs: (raw features, tokens per image, DeepStack features), or
+        """Run the encoder on this branch's inputs (``model``: the VPT model, `VPTModelMixin`, which owns the encoders
+        and `get_vision_features`): (raw features, tokens per image, DeepStack features), or
         (None, None, None) if absent. DeepStack features (one tensor per decoder layer, rows as the features') come
         only from a vision tower that makes them (the clip branch on Qwen3-VL); else None."""
 

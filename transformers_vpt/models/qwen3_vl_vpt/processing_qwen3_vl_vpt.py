@@ -80,7 +80,7 @@ class VPT_Qwen3VLProcessor(VPTProcessorMixin, Qwen3VLProcessor):
                 "`video_metadata` (or let the video processor sample the frames) for the right timestamps."
             )
             fps = 24
-        timestamps = self._calculate_timestamps(indices, fps, self.video_processor.merge_size)
+        timestamps = self._calculate_timestamps(list(indices), fps, self.video_processor.merge_size)  # it pads in place
         return "".join(
             f"<{timestamps[frame]:.1f} seconds>" + VISION_START + VIDEO_PAD * frame_tokens + VISION_END
             for frame in range(frames)
