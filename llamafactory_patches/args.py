@@ -47,7 +47,7 @@ class VPTModelArguments(ModelArguments):
         metadata={
             "help": "The released image rule of VPT templates: the long side of every image, crop and clip image is "
             "capped at this (NEAREST), sides under 28 px are stretched to 28 (DINOv2 inputs capped at 512, SAM at "
-            "1024). It replaces `image_max_pixels`/`image_min_pixels` for the `vpt_qwen2_vl` template."
+            "1024). It replaces `image_max_pixels`/`image_min_pixels` for the VPT templates (`vpt_qwen2_vl`, ...)."
         },
     )
     vpt_drop_branches: bool = field(
@@ -76,7 +76,7 @@ class VPTDataArguments(DataArguments):
     vpt_skip_bad_records: bool = field(
         default=False,
         metadata={
-            "help": "Train without the records of a `vpt_qwen2_vl` dataset that break the VPT record rules, and log "
+            "help": "Train without the records of a VPT-template dataset that break the VPT record rules, and log "
             "how many and which. Off: the first bad records stop the run before tokenisation, with their index."
         },
     )
@@ -94,7 +94,10 @@ VPT_CONFIG_FIELDS = (
 
 _ARGUMENT_LISTS = ("_TRAIN_ARGS", "_INFER_ARGS", "_EVAL_ARGS")
 PRIVATE = (
-    *(Private(parser, name, contains=(ModelArguments, DataArguments), patch="VPT YAML keys") for name in _ARGUMENT_LISTS),
+    *(
+        Private(parser, name, contains=(ModelArguments, DataArguments), patch="VPT YAML keys")
+        for name in _ARGUMENT_LISTS
+    ),
     Private(trainer_utils, "ModelArguments", expected=ModelArguments, patch="VPT YAML keys of reference models"),
 )
 

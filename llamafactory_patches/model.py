@@ -9,7 +9,9 @@
 * `patch_model` initialises the embedding rows of tokens added in this run (see `init_added_token_rows`).
 * `freeze_vision_tower` also freezes DINOv2 and SAM; the projectors are trainable in full fine-tuning, never LoRA
   targets, and reachable with `additional_target` under LoRA (`_register_composite_model`, LLaMA-Factory's
-  registry of composite models, and `MROPE_MODELS`).
+  registry of composite models, and `MROPE_MODELS`). Each VPT model type's entry is its base's stock entry
+  (`COMPOSITE_MODELS[base.name]`: Qwen3-VL's vision keys include `visual.pos_embed` and
+  `visual.deepstack_merger_list`) plus the VPT encoders and projectors (`composite_model_keys`).
 
 The four `patch_*` functions have no registry: `model.loader` imported them by name and resolves them when it runs,
 so they are wrapped there (guarded private patch). Each wrapper calls the stock function first and adds nothing
@@ -18,7 +20,7 @@ for a model, tokenizer or processor that is not VPT.
 
 from functools import wraps
 
-from llamafactory.extras import logging
+from llamafactory.extras import constants, logging
 from llamafactory.extras.constants import MROPE_MODELS
 from llamafactory.model import loader
 from llamafactory.model.model_utils import visual
@@ -35,6 +37,7 @@ from .guard import Private
 logger = logging.get_logger(__name__)
 
 VPT_MODEL_TYPES = tuple(model_type for base in VPT_BASES.values() for model_type in base.model_types)
+_COMPOSITE_FIELDS = ("model_type", "projector_keys", "vision_model_keys", "language_model_keys", "lora_conflict_keys")
 
 
 def _add_tokens(tokenizer, model_args, vision_encoder_ls, config=None) -> None:
@@ -122,10 +125,26 @@ PRIVATE = (
     Private(loader, "patch_model", ("model", "tokenizer", "model_args", "is_trainable", "add_valuehead"),
             patch="new-token embeddings"),
     Private(loader, "load_config", ("model_args",), patch="the checkpoint's branches"),
-    Private(visual, "_register_composite_model",
-            ("model_type", "projector_keys", "vision_model_keys", "language_model_keys", "lora_conflict_keys"),
-            patch="freeze and LoRA keys"),
+    Private(visual, "_register_composite_model", _COMPOSITE_FIELDS, patch="freeze and LoRA keys"),
+    Private(visual, "CompositeModel", _COMPOSITE_FIELDS, patch="freeze and LoRA keys of the bases"),
+    Private(visual, "COMPOSITE_MODELS", contains=tuple(VPT_BASES), patch="freeze and LoRA keys of the bases"),
+    Private(constants, "MROPE_MODELS", contains=tuple(VPT_BASES), patch="M-RoPE positions"),
 )
+
+
+def composite_model_keys(base_name: str) -> dict[str, list[str]]:
+    r"""The `_register_composite_model` keys of a VPT model of base ``base_name``: the base's stock entry
+    (`visual.COMPOSITE_MODELS`), whose vision keys also freeze the DINOv2 and SAM encoders, and whose LoRA conflict
+    keys also keep LoRA off the VPT projectors (they train in full, or through `additional_target`)."""
+    stock = visual.COMPOSITE_MODELS[base_name]
+    encoders = [branch.encoder_attr for branch in BRANCHES.values() if branch.encoder_attr]
+    projectors = [branch.projector_attr for branch in BRANCHES.values()]
+    return {
+        "projector_keys": list(stock.projector_keys),
+        "vision_model_keys": [*stock.vision_model_keys, *encoders],
+        "language_model_keys": list(stock.language_model_keys),
+        "lora_conflict_keys": [*stock.lora_conflict_keys, *projectors],
+    }
 
 
 def patch() -> None:
@@ -133,14 +152,9 @@ def patch() -> None:
     loader.patch_tokenizer = _wrap_patch_tokenizer(loader.patch_tokenizer)
     loader.patch_config = _wrap_patch_config(loader.patch_config)
     loader.patch_model = _wrap_patch_model(loader.patch_model)
-    encoders = [branch.encoder_attr for branch in BRANCHES.values() if branch.encoder_attr]
-    projectors = [branch.projector_attr for branch in BRANCHES.values()]
-    for model_type in VPT_MODEL_TYPES:
-        visual._register_composite_model(
-            model_type=model_type,
-            projector_keys=["visual.merger"],
-            vision_model_keys=["visual.patch_embed", "visual.blocks", *encoders],
-            language_model_keys=["language_model", "lm_head"],
-            lora_conflict_keys=["patch_embed", *projectors],
-        )
-        MROPE_MODELS.add(model_type)
+    for base in VPT_BASES.values():
+        keys = composite_model_keys(base.name)
+        for model_type in base.model_types:
+            visual._register_composite_model(model_type=model_type, **keys)
+            if base.name in MROPE_MODELS:  # every Qwen-VL base: 3-D (M-RoPE) position ids from `get_rope_index`
+                MROPE_MODELS.add(model_type)

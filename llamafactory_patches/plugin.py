@@ -1,4 +1,11 @@
-"""The `vpt_qwen2_vl` template: `qwen2_vl` with a multimodal plugin that also handles the VPT re-encoding images.
+"""The VPT templates: each stock template a VPT base is formatted with, plus a multimodal plugin that also handles
+the VPT re-encoding images.
+
+Every VPT template (`VPT_TEMPLATES`: `vpt_qwen2_vl`, `vpt_qwen2_5_vl`, `vpt_qwen3_vl`, `vpt_qwen3_vl_nothink`) is
+built from a stock LLaMA-Factory 0.9.5 template and gets the VPT plugin of that template's plugin class
+(`VPT_PLUGINS`): `VPTQwen2VLPlugin` over `Qwen2VLPlugin` (the `qwen2_vl` template, which 0.9.5 also uses for
+Qwen2.5-VL), `VPTQwen3VLPlugin` over `Qwen3VLPlugin` (`qwen3_vl`, `qwen3_vl_nothink`). What they add is written once,
+in `VPTPluginMixin`.
 
 Images follow the released rule (`transformers_vpt.images.fit_image`), as `VPTPipeline` does at inference: the long
 side of images, crops and clip images capped at the recipe's `image_resolution` (512), DINOv2 inputs at 512 and SAM
@@ -6,16 +13,18 @@ inputs at 1024, sides under 28 stretched. LLaMA-Factory 0.9.5's `image_max_pixel
 does not apply to them (it still applies to video frames).
 
 Placeholder expansion and the extra tensors come from the VPT processor (`VPTProcessorMixin.expand_placeholders`,
-`preprocess_extra_images`); the plugin only loads images (crop paths included) and counts them.
+`preprocess_extra_images`); the plugin only loads images (crop paths included) and counts them. Videos expand as the
+base's processor writes them, with each video's own metadata (Qwen3-VL's frame timestamps).
 """
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from llamafactory.data import mm_plugin
+from llamafactory.data import template as template_module
 from llamafactory.data.template import TEMPLATES
 from typing_extensions import override
 
@@ -25,27 +34,14 @@ from transformers_vpt.models.vpt.processing_vpt import VPTProcessorMixin
 from transformers_vpt.vocabulary import BRANCH_TOKENS
 
 from .guard import Private
-from .template import register_released_template
+from .template import register_released_template, register_stock_template
 
-TEMPLATE_NAME = "vpt_qwen2_vl"
-BASE_TEMPLATE = "qwen2_vl"
-VPT_TEMPLATES = {base.template: base.stock_template for base in VPT_BASES.values()}
-"""The VPT templates and the stock template each is built from (`transformers_vpt.models.bases`): LLaMA-Factory
-0.9.5 formats Qwen2.5-VL with its `qwen2_vl` template and plugin, and so does VPT (with the released labels, as for
-Qwen2-VL)."""
-
-_PLUGIN = mm_plugin.Qwen2VLPlugin
-PRIVATE = tuple(
-    Private(_PLUGIN, name, parameters, patch="the VPT multimodal plugin")
-    for name, parameters in (
-        ("_regularize_images", ("self", "images", "kwargs")),
-        ("_preprocess_image", ("self", "image", "kwargs")),
-        ("_get_mm_inputs", ("self", "images", "videos", "audios", "processor")),
-        ("_validate_input", ("self", "processor", "images", "videos", "audios")),
-        ("_validate_messages", ("self", "messages", "images", "videos", "audios")),
-        ("_get_mm_token_metadata", ("self", "images", "videos", "audios", "processor")),
-    )
-)
+VPT_TEMPLATES = {name: stock for base in VPT_BASES.values() for name, stock in base.templates.items()}
+"""Every VPT template and the stock template it is built from (`transformers_vpt.models.bases`, `VPTBase.templates`):
+LLaMA-Factory 0.9.5 formats Qwen2.5-VL with its `qwen2_vl` template and plugin, and so does VPT."""
+RELEASED_LABELS = {name: base.released_labels for base in VPT_BASES.values() for name in base.templates}
+"""Whether a VPT template trains the released labels (`template.ReleasedQwen2VLTemplate`); else the stock
+template's class and labels are kept (Qwen3-VL)."""
 
 
 def vpt_processor(processor: Any) -> VPTProcessorMixin:
@@ -59,8 +55,11 @@ def vpt_processor(processor: Any) -> VPTProcessorMixin:
 
 
 @dataclass
-class VPTQwen2VLPlugin(mm_plugin.Qwen2VLPlugin):
-    r"""Qwen2-VL plugin plus `<detection_image>`, `<seg_image>` and `<clip_image>`.
+class VPTPluginMixin:
+    r"""What a VPT plugin adds to a stock Qwen-VL plugin: `<detection_image>`, `<seg_image>` and `<clip_image>`, the
+    released image rule, crop paths, and placeholders expanded by the VPT processor. Put it first,
+    ``class VPTXPlugin(VPTPluginMixin, mm_plugin.XPlugin)``; the private methods it overrides are the stock class's
+    (listed in `PRIVATE` for each class in `VPT_PLUGINS`).
 
     LLaMA-Factory's dataset processors pass only images, videos and audios to `process_messages`; the extra images
     of the example being encoded are bound with `extra_images(...)`.
@@ -126,6 +125,8 @@ class VPTQwen2VLPlugin(mm_plugin.Qwen2VLPlugin):
 
     @override
     def process_messages(self, messages, images, videos, audios, processor):
+        r"""Every placeholder of the sample expanded by the VPT processor: images, videos (each with its own grid and
+        metadata, in placeholder order across the messages) and the bound extra images."""
         self._validate_input(processor, images, videos, audios)
         self._validate_messages(messages, images, videos, audios)
         extra = self.bound_extra_images
@@ -141,15 +142,90 @@ class VPTQwen2VLPlugin(mm_plugin.Qwen2VLPlugin):
             clip_grid_thw=clip_inputs.get("clip_images_grid_thw"),
             num_detection_images=len(extra.get("detection_images") or []),
             num_seg_images=len(extra.get("seg_images") or []),
+            video_metadata=mm_inputs.get("video_metadata"),  # one entry per video (Qwen3-VL: frame timestamps)
         )
         return [{**message, "content": content} for message, content in zip(messages, contents, strict=True)]
 
 
+@dataclass
+class VPTQwen2VLPlugin(VPTPluginMixin, mm_plugin.Qwen2VLPlugin):
+    r"""LLaMA-Factory's Qwen2-VL plugin (templates `qwen2_vl`, used for Qwen2-VL and Qwen2.5-VL) with VPT inputs."""
+
+
+@dataclass
+class VPTQwen3VLPlugin(VPTPluginMixin, mm_plugin.Qwen3VLPlugin):
+    r"""LLaMA-Factory's Qwen3-VL plugin (templates `qwen3_vl`, `qwen3_vl_nothink`) with VPT inputs: its video
+    frames and metadata, timestamps written by `VPT_Qwen3VLProcessor.expand_video` for every video."""
+
+
+VPT_PLUGINS = {"vpt_qwen2_vl": VPTQwen2VLPlugin, "vpt_qwen3_vl": VPTQwen3VLPlugin}
+"""The VPT plugins by their `register_mm_plugin` name; each extends one stock plugin class (its second base)."""
+STOCK_PLUGINS = {cls.__bases__[1]: name for name, cls in VPT_PLUGINS.items()}
+"""Stock plugin class -> the name of the VPT plugin that extends it."""
+
+
+@dataclass(frozen=True)
+class StockTemplate(Private):
+    r"""`Private` entry of a stock template a VPT template is built from (``TEMPLATES[template]``): registered, and
+    formatted with a plugin class that a VPT plugin extends (`STOCK_PLUGINS`)."""
+
+    template: str = ""
+
+    @override
+    def problem(self) -> str | None:
+        problem = super().problem()
+        if problem is not None:
+            return problem
+        registered = getattr(self.owner, self.name).get(self.template)
+        if registered is None:
+            return f"{self.qualname} has no {self.template!r} template"
+        plugin_class = type(registered.mm_plugin)
+        if plugin_class not in STOCK_PLUGINS:
+            known = ", ".join(cls.__name__ for cls in STOCK_PLUGINS)
+            return f"{self.qualname}[{self.template!r}] uses {plugin_class.__name__}, the VPT plugins extend {known}"
+        return None
+
+
+_PLUGIN_METHODS = (
+    ("_regularize_images", ("self", "images", "kwargs")),
+    ("_preprocess_image", ("self", "image", "kwargs")),
+    ("_get_mm_inputs", ("self", "images", "videos", "audios", "processor")),
+    ("_validate_input", ("self", "processor", "images", "videos", "audios")),
+    ("_validate_messages", ("self", "messages", "images", "videos", "audios")),
+    ("_get_mm_token_metadata", ("self", "images", "videos", "audios", "processor")),
+)
+"""The stock plugin's private methods the VPT plugin overrides or calls."""
+_QWEN3_METHODS = (
+    # gives `_get_mm_token_metadata` the videos' `video_metadata` (frame indices, fps) read by `expand_video`
+    ("_get_video_token_metadata", ("self", "videos", "processor")),
+)
+PRIVATE = (
+    *(
+        Private(stock, name, parameters, patch=f"the VPT multimodal plugin {VPT_PLUGINS[vpt].__name__}")
+        for stock, vpt in STOCK_PLUGINS.items()
+        for name, parameters in _PLUGIN_METHODS + (_QWEN3_METHODS if stock is mm_plugin.Qwen3VLPlugin else ())
+    ),
+    *(
+        StockTemplate(template_module, "TEMPLATES", template=stock, patch=f"the {name} template")
+        for name, stock in VPT_TEMPLATES.items()
+    ),
+)
+
+
+def plugin_for(stock_template: str) -> mm_plugin.BasePlugin:
+    r"""The VPT plugin for a VPT template built from ``stock_template``: the VPT plugin of the stock template's
+    plugin class, with the stock plugin's settings (image and video tokens, ...)."""
+    stock = TEMPLATES[stock_template].mm_plugin
+    settings = {item.name: getattr(stock, item.name) for item in fields(stock) if item.init}
+    return mm_plugin.get_mm_plugin(STOCK_PLUGINS[type(stock)], **settings)
+
+
 def patch() -> None:
-    r"""Registers the plugin (`register_mm_plugin`) and the template (`register_template`, the released labels)."""
-    if TEMPLATE_NAME not in mm_plugin.PLUGINS:
-        mm_plugin.register_mm_plugin(TEMPLATE_NAME, VPTQwen2VLPlugin)
-    for name, base_name in VPT_TEMPLATES.items():
-        base = TEMPLATES[base_name].mm_plugin
-        plugin = mm_plugin.get_mm_plugin(TEMPLATE_NAME, image_token=base.image_token, video_token=base.video_token)
-        register_released_template(name, base_name, plugin)
+    r"""Registers the VPT plugins (`register_mm_plugin`) and every VPT template (`register_template`): the released
+    labels for a base with `released_labels`, else the stock template's class and formatting."""
+    for name, plugin_class in VPT_PLUGINS.items():
+        if name not in mm_plugin.PLUGINS:
+            mm_plugin.register_mm_plugin(name, plugin_class)
+    for name, stock in VPT_TEMPLATES.items():
+        register = register_released_template if RELEASED_LABELS[name] else register_stock_template
+        register(name, stock, plugin_for(stock))

@@ -2,7 +2,7 @@
 
 LLaMA-Factory has no registry for dataset processors: `loader._get_dataset_processor` resolves the class names
 below from its module globals when it runs, so they are replaced there (guarded private patch). The subclasses do
-what the stock classes do unless the template's plugin is the VPT plugin.
+what the stock classes do unless the template's plugin is a VPT plugin.
 """
 
 from collections import defaultdict
@@ -21,7 +21,7 @@ from transformers_vpt.vocabulary import BRANCH_TOKENS, token_id
 
 from .data import EXTRA_IMAGE_KEYS, RECORD_COLUMN, pack_paths, unpack_paths
 from .guard import Private
-from .plugin import TEMPLATE_NAME, VPTQwen2VLPlugin
+from .plugin import VPTPluginMixin
 from .records import BATCH_KEY
 
 
@@ -31,7 +31,7 @@ class ExtraImagesProcessorMixin:
 
     def preprocess_dataset(self, examples: dict[str, list[Any]]) -> dict[str, list[Any]]:
         plugin = self.template.mm_plugin
-        if not isinstance(plugin, VPTQwen2VLPlugin):
+        if not isinstance(plugin, VPTPluginMixin):
             return super().preprocess_dataset(examples)
 
         model_inputs = defaultdict(list)
@@ -59,7 +59,7 @@ class VPTSupervisedDatasetProcessor(ExtraImagesProcessorMixin, SupervisedDataset
     def _encode_data_example(self, *args, **kwargs) -> tuple[list[int], list[int]]:
         r"""Upstream encoding; then every `<|*_action|>` label is ignored (its input is a control state)."""
         input_ids, labels = super()._encode_data_example(*args, **kwargs)
-        if not isinstance(self.template.mm_plugin, VPTQwen2VLPlugin):
+        if not isinstance(self.template.mm_plugin, VPTPluginMixin):
             return input_ids, labels
         action_ids = {token_id(self.tokenizer, branch.action) for branch in BRANCH_TOKENS.values()} - {None}
         return input_ids, [IGNORE_INDEX if label in action_ids else label for label in labels]
@@ -72,10 +72,11 @@ class VPTUnsupervisedDatasetProcessor(ExtraImagesProcessorMixin, UnsupervisedDat
 @dataclass
 class VPTPackedSupervisedDatasetProcessor(PackedSupervisedDatasetProcessor):
     def __post_init__(self):
-        if isinstance(self.template.mm_plugin, VPTQwen2VLPlugin):
+        if isinstance(self.template.mm_plugin, VPTPluginMixin):
             raise ValueError(
-                f"`packing`/`neat_packing` is not supported with the {TEMPLATE_NAME} template: mask modelling and "
-                "the pairing of extra images with their action tokens assume one sample per row."
+                f"`packing`/`neat_packing` is not supported with the {self.data_args.template} template (mask "
+                "modelling and the pairing of extra images with their action tokens assume one sample per row): "
+                "remove `packing` and `neat_packing` from the recipe"
             )
 
 

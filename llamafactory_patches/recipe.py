@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-VPT_TEMPLATES = ("vpt_qwen2_vl", "vpt_qwen2_5_vl")
-"""LLaMA-Factory templates of VPT models."""
+VPT_TEMPLATES = ("vpt_qwen2_vl", "vpt_qwen2_5_vl", "vpt_qwen3_vl", "vpt_qwen3_vl_nothink")
+"""LLaMA-Factory templates of VPT models (every `VPTBase.templates` of `transformers_vpt.models.bases.VPT_BASES`,
+written out so that this module imports nothing; a test holds the two equal)."""
 VPT_KEYS = (
     "vision_encoder_ls",
     "num_inner_forward_run",
@@ -25,8 +26,8 @@ VPT_KEYS = (
     "vpt_skip_bad_records",
 )
 """YAML keys only the VPT argument classes (`args.VPTModelArguments`, `args.VPTDataArguments`) know."""
-VPT_MODEL_TYPES = ("qwen2_vl_vpt", "vrt_qwen2_vl", "qwen2_5_vl_vpt")
-"""``model_type`` of VPT checkpoints (`transformers_vpt`'s configs)."""
+VPT_MODEL_TYPES = ("qwen2_vl_vpt", "vrt_qwen2_vl", "qwen2_5_vl_vpt", "qwen3_vl_vpt")
+"""``model_type`` of VPT checkpoints (every `VPTBase.model_types`; written out, held to `VPT_BASES` by a test)."""
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 

@@ -46,8 +46,9 @@ class VPTSeq2SeqTrainer(CustomSeq2SeqTrainer):
         if trainable or branch.kind not in self.frozen_dummy_features:
             blank = Image.new("RGB", (DUMMY_IMAGE_SIZE, DUMMY_IMAGE_SIZE))
             inputs = self.vpt_processor.preprocess_extra_images(branch.tokens.prefix, [blank])
-            with torch.set_grad_enabled(trainable):
-                features = branch.encode(model, {key: value.to(model.device) for key, value in inputs.items()})[:2]
+            inputs = {key: value.to(model.device) for key, value in inputs.items()}
+            with torch.set_grad_enabled(trainable):  # the branch encodes with the VPT model (`model.model`)
+                features = branch.encode(model.model, inputs)[:2]
 
             if trainable:
                 return features

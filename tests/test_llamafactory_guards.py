@@ -23,7 +23,7 @@ from llamafactory_patches.guard import (
 
 llamafactory_patches.apply()
 
-from llamafactory.data import converter  # noqa: E402
+from llamafactory.data import converter, mm_plugin  # noqa: E402
 from llamafactory.data.template import TEMPLATES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,13 +72,56 @@ def test_every_patch_module_declares_its_private_names():
 
 
 # ---------------------------------------------------------------------------------------------- registries
+EXPECTED_TEMPLATES = {  # VPT template -> (template class, plugin class)
+    "vpt_qwen2_vl": ("ReleasedQwen2VLTemplate", "VPTQwen2VLPlugin"),
+    "vpt_qwen2_5_vl": ("ReleasedQwen2VLTemplate", "VPTQwen2VLPlugin"),
+    "vpt_qwen3_vl": ("ReasoningTemplate", "VPTQwen3VLPlugin"),
+    "vpt_qwen3_vl_nothink": ("Template", "VPTQwen3VLPlugin"),
+}
+
+
+def test_every_vpt_template_is_registered_with_the_plugin_of_its_stock_template():
+    registered = {name: TEMPLATES[name] for name in plugin.VPT_TEMPLATES}
+    kinds = {name: (type(ours).__name__, type(ours.mm_plugin).__name__) for name, ours in registered.items()}
+    assert kinds == EXPECTED_TEMPLATES
+    assert set(mm_plugin.PLUGINS) >= {"vpt_qwen2_vl", "vpt_qwen3_vl"}
+    assert issubclass(mm_plugin.PLUGINS["vpt_qwen3_vl"], mm_plugin.Qwen3VLPlugin)
+
+
 @pytest.mark.parametrize("name", list(plugin.VPT_TEMPLATES))
-def test_template_is_registered_as_qwen2_vl_with_the_released_labels(name):
+def test_template_is_its_stock_template_with_the_released_labels_or_as_is(name):
     ours, base = TEMPLATES[name], TEMPLATES[plugin.VPT_TEMPLATES[name]]
-    assert type(ours).__name__ == "ReleasedQwen2VLTemplate" and isinstance(ours.mm_plugin, plugin.VPTQwen2VLPlugin)
+    assert type(ours.mm_plugin) is plugin.VPT_PLUGINS[plugin.STOCK_PLUGINS[type(base.mm_plugin)]]
+    assert isinstance(ours.mm_plugin, plugin.VPTPluginMixin) and isinstance(ours.mm_plugin, type(base.mm_plugin))
+    settings = [f.name for f in dataclasses.fields(base.mm_plugin) if f.init]
+    assert [getattr(ours.mm_plugin, key) for key in settings] == [getattr(base.mm_plugin, key) for key in settings]
+    assert ours.mm_plugin.image_token == "<|image_pad|>" and ours.mm_plugin.video_token == "<|video_pad|>"
     differ = {f.name for f in dataclasses.fields(base) if getattr(ours, f.name) != getattr(base, f.name)}
-    assert differ == {"format_assistant", "format_function", "mm_plugin"}
-    assert ours.mm_plugin.image_token == base.mm_plugin.image_token == "<|image_pad|>"
+    if plugin.RELEASED_LABELS[name]:
+        assert type(ours).__name__ == "ReleasedQwen2VLTemplate"
+        assert differ == {"format_assistant", "format_function", "mm_plugin"}
+    else:
+        assert type(ours) is type(base) and differ == {"mm_plugin"}
+
+
+def test_stock_templates_and_qwen3_plugin_names_are_guarded(monkeypatch):
+    from llamafactory.data import template as template_module
+
+    guarded = {(entry.owner, entry.name) for entry in plugin.PRIVATE}
+    for name in ("_get_mm_inputs", "_get_video_token_metadata", "_get_mm_token_metadata", "_preprocess_image"):
+        assert (mm_plugin.Qwen3VLPlugin, name) in guarded, name
+    stock = [entry for entry in plugin.PRIVATE if isinstance(entry, plugin.StockTemplate)]
+    assert {entry.template for entry in stock} == set(plugin.VPT_TEMPLATES.values())
+    assert all(entry.problem() is None for entry in stock)
+    elsewhere = dataclasses.replace(TEMPLATES["qwen3_vl"], mm_plugin=mm_plugin.BasePlugin(None, None, None))
+    monkeypatch.setitem(TEMPLATES, "moved", elsewhere)
+    moved = plugin.StockTemplate(template_module, "TEMPLATES", template="moved", patch="the vpt_x template")
+    assert "['moved'] uses BasePlugin, the VPT plugins extend Qwen2VLPlugin, Qwen3VLPlugin" in moved.problem()
+    gone = plugin.StockTemplate(template_module, "TEMPLATES", template="gone")
+    assert "has no 'gone' template" in gone.problem()
+    with pytest.raises(PatchError, match=r"\(the vpt_x template\)") as error:
+        check_private([moved])
+    assert "\n" not in str(error.value)
 
 
 def test_formattings_are_registered_and_stock_converters_untouched():
@@ -96,9 +139,16 @@ def test_formattings_are_registered_and_stock_converters_untouched():
 
 
 def test_recipe_detection_knows_every_vpt_key_model_type_and_template():
+    """recipe.py imports nothing, so its lists are written out: they are the ones `VPT_BASES` gives."""
+    from transformers_vpt.models.bases import VPT_BASES
+
+    templates = [name for base in VPT_BASES.values() for name in base.templates]
+    model_types = [model_type for base in VPT_BASES.values() for model_type in base.model_types]
+    assert sorted(recipe.VPT_TEMPLATES) == sorted(templates) == sorted(plugin.VPT_TEMPLATES)
+    assert sorted(recipe.VPT_MODEL_TYPES) == sorted(model_types) == sorted(model.VPT_MODEL_TYPES)
+    assert {"vpt_qwen3_vl", "vpt_qwen3_vl_nothink"} <= set(recipe.VPT_TEMPLATES)
+    assert "qwen3_vl_vpt" in recipe.VPT_MODEL_TYPES
     assert set(recipe.VPT_KEYS) == set(args.vpt_keys())
-    assert set(recipe.VPT_MODEL_TYPES) == set(model.VPT_MODEL_TYPES)
-    assert set(plugin.VPT_TEMPLATES) == set(recipe.VPT_TEMPLATES)
 
 
 def test_recipe_detection(tmp_path):

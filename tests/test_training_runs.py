@@ -252,3 +252,61 @@ def test_qwen2_5_vl_ddp_two_processes(workdir_2_5):
     assert "world size: 2" in result.stdout + result.stderr
     values = losses(workdir_2_5 / "outputs/tiny/runs/ddp")
     assert len(values) == 4 and all(math.isfinite(value) for value in values)
+
+
+# ---------------------------------------------------------------------------------------------------- Qwen3-VL
+@pytest.fixture(scope="module")
+def workdir_3(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("runs_3")
+    make_tiny(directory / "outputs" / "tiny", base="qwen3_vl")
+    return directory
+
+
+QWEN3_VL = ("template=vpt_qwen3_vl_nothink",)
+QWEN3_VISION = ("visual.pos_embed.", "visual.deepstack_merger_list.")
+
+
+def branch_key(key: str) -> str:
+    """A checkpoint key without the VPT model's ``model.`` prefix, which Qwen3-VL checkpoints keep (transformers
+    reverses `_checkpoint_conversion_mapping` on save only for the VLM classes it lists)."""
+    return key.removeprefix("model.")
+
+
+@pytest.mark.slow
+def test_qwen3_vl_alignment_and_two_pass_instruction(workdir_3):
+    llamafactory(workdir_3, "train", "alignment.yaml", *QWEN3_VL)
+    before = load_file(workdir_3 / "outputs/tiny/vpt-init/model.safetensors")
+    after = load_file(workdir_3 / "outputs/tiny/runs/alignment/model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(any(branch_key(key).startswith(part) for key in before) for part in QWEN3_VISION)
+    changed = {branch_key(key) for key in before if not torch.equal(before[key], after[key])}
+    assert changed and all(key.startswith(PROJECTORS) for key in changed), sorted(changed)  # not DeepStack, pos_embed
+    assert any(key.startswith("detection_projector.") for key in changed)
+    assert any(key.startswith("seg_projector.") for key in changed)
+
+    llamafactory(workdir_3, "train", "instruction.yaml", *QWEN3_VL)
+    output_dir = workdir_3 / "outputs/tiny/runs/instruction"
+    values = losses(output_dir)
+    assert len(values) == 8 and all(math.isfinite(value) for value in values)
+    assert sum(values[-2:]) < sum(values[:2]), values
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["model_type"] == "qwen3_vl_vpt" and config["num_inner_forward_run"] == 2
+    after = load_file(output_dir / "model.safetensors")
+    changed = {branch_key(key) for key in before if not torch.equal(before[key], after[key])}
+    assert any(key.startswith("language_model.") for key in changed)
+    assert any(key.startswith("clip_projector.") for key in changed)
+    assert not any(key.startswith(("visual.", "detection_model.", "seg_model.")) for key in changed)  # frozen
+    model = AutoModelForImageTextToText.from_pretrained(output_dir)
+    assert type(model).__name__ == "VPT_Qwen3VLForConditionalGeneration" and model.config.num_inner_forward_run == 2
+    assert type(AutoProcessor.from_pretrained(output_dir)).__name__ == "VPT_Qwen3VLProcessor"
+
+
+@pytest.mark.slow
+def test_qwen3_vl_ddp_two_processes(workdir_3):
+    # the reasoning template (stock `qwen3_vl`: answers train an empty thought first) through a distributed run
+    overrides = ("output_dir=outputs/tiny/runs/ddp", "per_device_train_batch_size=1", "max_steps=4",
+                 "save_steps=100", "ddp_find_unused_parameters=false", "template=vpt_qwen3_vl")
+    result = llamafactory(workdir_3, "train", "instruction.yaml", *overrides, FORCE_TORCHRUN="1", NPROC_PER_NODE="2")
+    assert "world size: 2" in result.stdout + result.stderr
+    values = losses(workdir_3 / "outputs/tiny/runs/ddp")
+    assert len(values) == 4 and all(math.isfinite(value) for value in values)
