@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Evaluate VPT models and plain base-model baselines on the released VPT test splits.
 
-A VPT model of any base (Qwen2-VL, Qwen2.5-VL) answers in two rounds (`transformers_vpt.pipeline.VPTPipeline`):
-round 1 on the record's first user turn and first image, round 2 on the region crops or the re-encoded image its
-perception tokens ask for. A plain base checkpoint (config ``model_type`` ``qwen2_vl``, ``qwen2_5_vl``: the bases of
-`transformers_vpt.models.bases`) is the baseline: one round, the trigger phrase removed.
+A VPT model of any base (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) answers in two rounds
+(`transformers_vpt.pipeline.VPTPipeline`): round 1 on the record's first user turn and first image, round 2 on the
+region crops or the re-encoded image its perception tokens ask for. A plain base checkpoint (config ``model_type``
+``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``: the bases of `transformers_vpt.models.bases`) is the baseline: one round,
+the trigger phrase removed.
 Answers are scored with the judge-free metric of each dataset and, given ``--judge-base-url``, by the LLM judge.
 
 Runs are resumable: every batch of answers is appended to ``answers.jsonl`` and synced; a rerun with the same
@@ -220,7 +221,7 @@ line on stderr naming the problem (--debug shows the traceback).""",
         nargs="+",
         metavar="[NAME=]DIR",
         help="model directory, repeatable; NAME (default: the folder name) names its output folder and table row. "
-        "A plain base checkpoint (e.g. Qwen2-VL-2B-Instruct, Qwen2.5-VL-3B-Instruct) is evaluated as the "
+        "A plain base checkpoint (e.g. Qwen2-VL-2B-Instruct, Qwen3-VL-4B-Instruct) is evaluated as the "
         "single-round baseline",
     )
     data.add_argument("--data-dir", metavar="DIR", help="folder of the test split JSON files (required)")

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Benchmark VPT against its plain base model (Qwen2-VL or Qwen2.5-VL) on the same token sequences, and against the
-upstream VPT design.
+"""Benchmark VPT against its plain base model (Qwen2-VL, Qwen2.5-VL or Qwen3-VL) on the same token sequences, and
+against the upstream VPT design.
 
 For each variant (``region``: region-selection tokens and a crop; ``dino`` / ``sam`` / ``clip``: an action triple
 and a re-encoded image) one process builds a VPT model of ``--base`` with random weights and the base's stock model
-(`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`) holding the same text and vision weights
-(the state dict is copied; only the branch modules are left out), then measures, with the two sides alternating
-within every repetition:
+(`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`, `Qwen3VLForConditionalGeneration`) holding
+the same text and vision weights (the state dict is copied; only the branch modules are left out), then measures,
+with the two sides alternating within every repetition:
 
 * ``train_step_s``: forward + backward (no optimizer) on a training batch in the released layout: system turn, user
   turn with an image and a question, assistant action triple or region span, user turn with the extra image's pads,
@@ -40,11 +40,13 @@ the same weights: pass 1 and pass 2 each over every input column (no prefix reus
 generation two decoder passes and two ``copy.deepcopy`` of the KV cache on every decode step, re-feeding the last two
 tokens after an action token. Its ratios use the same plain figures.
 
-Bases (``--base``): those of `transformers_vpt.models.bases` (``qwen2_vl``, the default, and ``qwen2_5_vl``). Sizes:
-``tiny`` (default; the tiny test configs of the base, CPU) or a real size of the base (``2b`` / ``7b`` for Qwen2-VL,
-``3b`` / ``7b`` for Qwen2.5-VL: the public configs in configs/models/ with DINOv2-large and SAM ViT-L, random weights;
-bf16 on a GPU when one is present, float32 on CPU). ``--layers`` and ``--encoder-layers`` cut the depth at real
-widths for a CPU smoke run.
+Bases (``--base``): those of `transformers_vpt.models.bases` (``qwen2_vl``, the default, ``qwen2_5_vl`` and
+``qwen3_vl``; on Qwen3-VL both sides add the DeepStack features after the first decoder layers). Sizes: ``tiny``
+(default; the tiny test configs of the base, CPU) or a real size of the base (``2b`` / ``7b`` for Qwen2-VL, ``3b`` /
+``7b`` for Qwen2.5-VL, ``4b`` / ``8b`` for Qwen3-VL: the public configs in configs/models/ with DINOv2-large and SAM
+ViT-L, random weights; bf16 on a GPU when one is present, float32 on CPU). ``--layers`` and ``--encoder-layers`` cut
+the depth at real widths for a CPU smoke run (Qwen2.5-VL keeps a full-attention block, Qwen3-VL a DeepStack block).
+Real sizes use Qwen2-VL's special token ids followed by the VPT tokens for every base (the weights are random).
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ from transformers_vpt.models.vpt.processing_vpt import (
 )
 from transformers_vpt.perception import BRANCHES, ENCODED_IMAGES
 from transformers_vpt.tiny import build_tiny_tokenizer
-from transformers_vpt.tiny.model import TINY_BASES, TINY_DINO, TINY_SAM, TINY_TEXT
+from transformers_vpt.tiny.model import TINY_BASES, TINY_DINO, TINY_SAM
 from transformers_vpt.tiny.processor import (
     TINY_DETECTION_PROCESSOR_CONFIG,
     TINY_SEG_PROCESSOR_CONFIG,
@@ -130,7 +132,7 @@ QUESTION_TOKENS = 32
 FORCED_STEP = 1  # the action start is the second generated token
 
 
-# ---------------------------------------------------------------------------------------------------- the upstream design
+# -------------------------------------------------------------------------------------------------- the upstream design
 class UpstreamDesign(GenerationMixin):
     """The released implementation's two-pass design, same numerics as VPT (mask modelling aside), upstream's work.
 
@@ -168,7 +170,8 @@ class UpstreamDesign(GenerationMixin):
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, labels=None,
                 use_cache=None, pixel_values=None, image_grid_thw=None, cache_position=None, **kwargs):
         vpt, model = self.vpt, self.vpt.model  # the VPT ForConditionalGeneration and its VPT model
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:  # Qwen3-VL keeps it in the text config only
+            use_cache = getattr(self.config, "use_cache", self.config.text_config.use_cache)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -178,11 +181,15 @@ class UpstreamDesign(GenerationMixin):
                                                   past_length, **rope_inputs)
         if cache_position is None:
             cache_position = torch.arange(past_length, past_length + input_ids.shape[1], device=input_ids.device)
-        decode = partial(model.language_model, attention_mask=attention_mask, position_ids=position_ids,
-                         cache_position=cache_position, use_cache=use_cache)
-
-        embeds = model.get_inputs_embeds(input_ids, pixel_values, image_grid_thw)  # upstream re-encodes clip images
+        # upstream re-encodes clip images (no `extra_image_inputs`: no reuse of the original images' features)
+        embeds, deepstack = model.embed_inputs(input_ids, pixel_values, image_grid_thw)
         extra_images = model.get_extra_image_features(input_ids, {key: kwargs.get(key) for key in EXTRA_IMAGE_INPUTS})
+        # A DeepStack base (Qwen3-VL) adds its images' (and re-encoded clip images') features after the first decoder
+        # layers in both passes, as the VPT model does.
+        deepstack = model.get_extra_deepstack(deepstack, extra_images)
+        stack = deepstack.decoder_kwargs(0, input_ids.shape[1]) if deepstack is not None else {}
+        decode = partial(model.language_model, attention_mask=attention_mask, position_ids=position_ids,
+                         cache_position=cache_position, use_cache=use_cache, **stack)
         first = embeds
         for images in extra_images:
             first = model.scatter_extra_image_features(first, images)
@@ -239,8 +246,9 @@ def vocabulary(size: str) -> dict[str, int]:
 
 def token_id_fields(vocab: dict[str, int]) -> dict[str, int]:
     fields = dict(
-        image_token_id=vocab[IMAGE_PAD], video_token_id=vocab["<|video_pad|>"], vision_start_token_id=vocab[VISION_START],
-        vision_end_token_id=vocab[VISION_END], para_start_id=vocab[IM_START], para_end_id=vocab[IM_END],
+        image_token_id=vocab[IMAGE_PAD], video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab[VISION_START], vision_end_token_id=vocab[VISION_END],
+        para_start_id=vocab[IM_START], para_end_id=vocab[IM_END],
     )
     for branch in BRANCH_TOKENS.values():
         fields[branch.image_token_id_field] = vocab[branch.image_pad]
@@ -262,6 +270,16 @@ def real_sizes(base: VPTBase) -> list[str]:
                   for path in MODELS.glob(f"{prefix}*-instruct.json"))
 
 
+def image_unit(base: VPTBase, size: str) -> int:
+    """The image side, in pixels, of one merged image token of ``base`` at ``size`` (patch size x spatial merge
+    size): 28 for the tiny configs, Qwen2-VL and Qwen2.5-VL, 32 for real-size Qwen3-VL (16-pixel patches)."""
+    if size == "tiny":
+        vision = TINY_BASES[base.name][1]
+    else:
+        vision = json.loads(real_size_file(base, size).read_text())["vision_config"]
+    return vision["patch_size"] * vision["spatial_merge_size"]
+
+
 def build_config(args, variant: str, vocab: dict[str, int]) -> PretrainedConfig:
     base = get_base(args.base)
     if args.size == "tiny":
@@ -277,7 +295,8 @@ def build_config(args, variant: str, vocab: dict[str, int]) -> PretrainedConfig:
         for sub in (fields, fields["detection_config"], fields["seg_config"]):
             sub.pop("model_type")
             sub.pop("architectures", None)
-        text = fields  # the transformers-4.45 flat layout: text fields at the top level
+        # Qwen3-VL's configs nest the text fields; Qwen2-VL's and Qwen2.5-VL's have them at the top level (4.45 layout)
+        text = fields.get("text_config", fields)
     if args.layers:
         text["num_hidden_layers"] = args.layers
     if args.encoder_layers:
@@ -285,8 +304,14 @@ def build_config(args, variant: str, vocab: dict[str, int]) -> PretrainedConfig:
         vision["depth"] = depth
         fields["detection_config"]["num_hidden_layers"] = seg["num_hidden_layers"] = depth
         seg["global_attn_indexes"] = [i for i in seg["global_attn_indexes"] if i < depth] or [depth - 1]
-        if "fullatt_block_indexes" in vision:  # Qwen2.5-VL's full-attention blocks (the others use windows)
-            vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < depth] or [depth - 1]
+        # Qwen2.5-VL's full-attention blocks (the others use windows), Qwen3-VL's DeepStack blocks: those left
+        # (at least the last block, so that the cut model still runs that path)
+        for key in ("fullatt_block_indexes", "deepstack_visual_indexes"):
+            if key in vision:
+                vision[key] = [i for i in vision[key] if i < depth] or [depth - 1]
+    vision = fields["vision_config"]
+    if "deepstack_visual_indexes" in vision:  # feature k is added after decoder layer k: no more than the layers
+        vision["deepstack_visual_indexes"] = vision["deepstack_visual_indexes"][: text["num_hidden_layers"]]
     return base.config_class(**{
         **fields, **token_id_fields(vocab),
         "vision_encoder_ls": [] if variant == "region" else [variant],
@@ -346,7 +371,8 @@ def shapes(args) -> Shapes:
         (TINY_DETECTION_PROCESSOR_CONFIG, TINY_SEG_PROCESSOR_CONFIG) if args.size == "tiny"
         else (DEFAULT_DETECTION_PROCESSOR_CONFIG, DEFAULT_SEG_PROCESSOR_CONFIG)
     )
-    crop = max(56, args.image_size // 2 // 28 * 28)
+    unit = image_unit(get_base(args.base), args.size)
+    crop = max(2 * unit, args.image_size // 2 // unit * unit)
     return Shapes(args.image_size, crop, detection["crop_size"]["height"], seg["pad_size"]["height"])
 
 
@@ -356,7 +382,8 @@ def qwen_image(side: int, config, generator) -> tuple[torch.Tensor, list[int], i
     vision = config.vision_config
     grid = side // vision.patch_size
     patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-    return torch.randn(grid * grid, patch_dim, generator=generator), [1, grid, grid], grid**2 // vision.spatial_merge_size**2
+    tokens = grid**2 // vision.spatial_merge_size**2
+    return torch.randn(grid * grid, patch_dim, generator=generator), [1, grid, grid], tokens
 
 
 def make_inputs(variant: str, config, vocab: dict[str, int], shape: Shapes, seq_len: int, batch_size: int,
@@ -527,7 +554,8 @@ def train_peak_mib(model, batch: dict, device: torch.device) -> float:
     else:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             train_step(model, batch)
-        trace = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+        events = prof.profiler.kineto_results.events()
+        trace = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
         step_peak = max(accumulate((nbytes for _, nbytes in trace), initial=0))
     return (own + step_peak) / 2**20
 
@@ -553,8 +581,9 @@ def decode_tokens_per_s(model, prompt: dict, new_tokens: int, force: int | None,
     )
     with torch.no_grad():
         model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       logits_processor=LogitsProcessorList(processors), stopping_criteria=StoppingCriteriaList([clock]),
-                       pad_token_id=vocab["<|endoftext|>"], eos_token_id=vocab[IM_END])
+                       logits_processor=LogitsProcessorList(processors),
+                       stopping_criteria=StoppingCriteriaList([clock]), pad_token_id=vocab["<|endoftext|>"],
+                       eos_token_id=vocab[IM_END])
     return (new_tokens - 1) / (clock.times[-1] - clock.times[0])
 
 
@@ -668,12 +697,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                         help="variants to measure (default: all)")
     parser.add_argument("--upstream-variant", choices=VARIANTS[1:], default="dino",
-                        help=f"variant on which the {UPSTREAM} rows are measured; must be in --variants (default: dino)")
+                        help=f"variant on which the {UPSTREAM} rows are measured; must be in --variants "
+                             "(default: dino)")
     parser.add_argument("--seq-len", type=int, help="training sequence length (default: 256 tiny, 1024 real sizes)")
     parser.add_argument("--batch-size", type=int, default=1, help="rows per batch (default: 1)")
     parser.add_argument("--image-size", type=int,
-                        help="side of the original image in pixels, a multiple of 28 (default: 56 tiny, 336 real sizes)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode run, >= 4 (default: 32)")
+                        help="side of the original image in pixels, a multiple of the base's patch size x merge size "
+                             "(28; 32 for real-size Qwen3-VL) (default: 2 x that tiny, 12 x that real sizes: 56, "
+                             "336 / 384 px)")
+    parser.add_argument("--new-tokens", type=int, default=32,
+                        help="tokens generated per decode run, >= 4 (default: 32)")
     parser.add_argument("--para-mask-ratio", type=float, default=0.0,
                         help="mask modelling of the first user turn in training, as the released configs (0.5); "
                              "default 0: off")
@@ -688,9 +721,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--size {args.size} is not a size of {VPT_BASES[args.base].label}: choose tiny or "
                      f"{' or '.join(real_sizes(VPT_BASES[args.base]))}")
     args.seq_len = args.seq_len or (1024 if real else 256)
-    args.image_size = args.image_size or (336 if real else 56)
-    if args.image_size % 28:
-        parser.error("--image-size must be a multiple of 28 (patch 14, merge 2)")
+    unit = image_unit(VPT_BASES[args.base], args.size)
+    args.image_size = args.image_size or unit * (12 if real else 2)
+    if args.image_size <= 0 or args.image_size % unit:
+        parser.error(f"--image-size must be a positive multiple of {unit} for {VPT_BASES[args.base].label} at size "
+                     f"{args.size} (patch size x merge size)")
     if args.new_tokens < FORCED_STEP + 3:
         parser.error(f"--new-tokens must be at least {FORCED_STEP + 3}, so that a decode step consumes the action")
     if args.upstream_variant not in args.variants:
@@ -710,7 +745,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     vocab = vocabulary(args.size)
     print(f"Machine: {machine_description(device, dtype)}")
     print(f"Setup: base {args.base}, size {args.size}, layers {args.layers or 'all'}, "
-          f"encoder layers {args.encoder_layers or 'all'}, seq-len {args.seq_len}, batch {args.batch_size}, image {args.image_size}px, {args.new_tokens} new tokens, "
+          f"encoder layers {args.encoder_layers or 'all'}, seq-len {args.seq_len}, batch {args.batch_size}, "
+          f"image {args.image_size}px, {args.new_tokens} new tokens, "
           f"para-mask-ratio {args.para_mask_ratio}, {args.warmup} warm-up + {args.repeats} repeats (medians)")
     entries = []
     with tqdm(total=len(args.variants) * (len(FIGURES) + 1), desc="measurements", disable=None) as progress:

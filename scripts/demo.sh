@@ -6,8 +6,10 @@
 #   bash scripts/demo.sh [--quick] [--base BASE] [--out-dir DIR] [--no-install]
 #
 #   --quick        smallest size (a smoke run in a minute or two; the model learns nothing at this size)
-#   --base BASE    the base of the tiny VPT model: qwen2_vl (Qwen2-VL, the default) or qwen2_5_vl (Qwen2.5-VL);
-#                  the bases are those of transformers_vpt.models.bases, the template is the base's
+#   --base BASE    the base of the tiny VPT model: qwen2_vl (Qwen2-VL, the default), qwen2_5_vl (Qwen2.5-VL) or
+#                  qwen3_vl (Qwen3-VL); the bases are those of transformers_vpt.models.bases, the template is the
+#                  base's (its no-think variant where it has one: vpt_qwen3_vl_nothink, as the demo answers without
+#                  a thinking block)
 #   --out-dir DIR  where everything goes (default: outputs/demo); its demo subfolders are replaced
 #   --no-install   use the existing .venv as it is
 set -euo pipefail
@@ -42,7 +44,9 @@ SECONDS=0
 [ "$INSTALL" = 1 ] && { step "Installing (scripts/install.sh)"; bash scripts/install.sh; }
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PATH="$PWD/.venv/bin:$PATH" PYTHONWARNINGS=ignore DISABLE_VERSION_CHECK=1
-# The base's label and LLaMA-Factory template, from the one list of bases (an unknown --base stops here).
+# The base's label and LLaMA-Factory template, from the one list of bases (an unknown --base stops here). A base
+# with a no-think template (Qwen3-VL) trains with it: the evaluation prompts without a thinking block, and the
+# reasoning template would teach the model to open every answer with an empty <think></think>.
 BASE_INFO=$(python -c '
 import sys
 from transformers_vpt.models.bases import VPT_BASES
@@ -50,7 +54,8 @@ base = VPT_BASES.get(sys.argv[1])
 names = ", ".join(VPT_BASES)
 if base is None:
     sys.exit(f"demo.sh: unknown --base {sys.argv[1]!r}; choose from {names}")
-print(base.label, base.template)' "$BASE") || exit 2
+template = next((name for name in base.templates if name.endswith("_nothink")), base.template)
+print(base.label, template)' "$BASE") || exit 2
 read -r LABEL TEMPLATE <<< "$BASE_INFO"
 rm -rf "$OUT"/{data,sources,vpt-init,runs,evaluation}
 mkdir -p "$OUT"
@@ -61,12 +66,12 @@ python scripts/make_synthetic_data.py --out-dir "$OUT/data" "${DATA[@]}" --image
 step "Tiny $LABEL VPT model from random tiny $LABEL, DINOv2 and SAM (scripts/prepare_weights.py)"
 python configs/tiny/make_tiny.py --out-dir "$OUT" --no-data --base "$BASE"
 
-step "Stage 1: projector alignment (llamafactory-cli train configs/demo/alignment.yaml)"
+step "Stage 1: projector alignment (llamafactory-cli train configs/demo/alignment.yaml, template $TEMPLATE)"
 llamafactory-cli train configs/demo/alignment.yaml \
   model_name_or_path="$OUT/vpt-init" dataset_dir="$OUT/data" output_dir="$OUT/runs/alignment" max_steps=$ALIGN_STEPS \
   template="$TEMPLATE" "${TRAIN_ARGS[@]}"
 
-step "Stage 2: VPT instruction tuning (llamafactory-cli train configs/demo/instruction.yaml)"
+step "Stage 2: VPT instruction tuning (llamafactory-cli train configs/demo/instruction.yaml, template $TEMPLATE)"
 llamafactory-cli train configs/demo/instruction.yaml \
   model_name_or_path="$OUT/runs/alignment" dataset_dir="$OUT/data" output_dir="$OUT/runs/instruction" \
   max_steps=$TRAIN_STEPS template="$TEMPLATE" "${TRAIN_ARGS[@]}"

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Write the initial VPT checkpoint from a local base model (Qwen2-VL or Qwen2.5-VL) and DINOv2 / SAM directories
-(Hugging Face format).
+"""Write the initial VPT checkpoint from a local base model (Qwen2-VL, Qwen2.5-VL or Qwen3-VL) and DINOv2 / SAM
+directories (Hugging Face format).
 
 The command line of `transformers_vpt.weights.prepare_weights`, which describes what the directory holds and what is
 checked before anything loads. The base model is given with ``--base-model DIR`` (any base: the base is the one its
@@ -11,6 +11,8 @@ Examples:
         --vision-encoder-ls dino --output-dir models/Qwen2-VL-2B-VPT-Det-init
     python scripts/prepare_weights.py --base qwen2_5_vl --base-model models/Qwen2.5-VL-3B-Instruct \\
         --dino models/dinov2-large --vision-encoder-ls dino --output-dir models/Qwen2.5-VL-3B-VPT-Det-init
+    python scripts/prepare_weights.py --base-model models/Qwen3-VL-4B-Instruct --vision-encoder-ls clip \\
+        --output-dir models/Qwen3-VL-4B-VPT-CLIP-init
 """
 
 from __future__ import annotations
@@ -42,9 +44,13 @@ def _main(argv: list[str] | None = None) -> None:
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
-        BASE_MODEL_FLAG, metavar="DIR", help="the base model directory (Qwen2-VL-2B-Instruct, Qwen2.5-VL-3B-Instruct, ...)"
+        BASE_MODEL_FLAG,
+        metavar="DIR",
+        help="the base model directory (Qwen2-VL-2B-Instruct, Qwen2.5-VL-3B-Instruct, Qwen3-VL-4B-Instruct, ...)",
     )
-    source.add_argument(SOURCE_FLAGS["qwen2_vl"], metavar="DIR", help="a Qwen2-VL-2B/7B-Instruct directory (base qwen2_vl)")
+    source.add_argument(
+        SOURCE_FLAGS["qwen2_vl"], metavar="DIR", help="a Qwen2-VL-2B/7B-Instruct directory (base qwen2_vl)"
+    )
     parser.add_argument("--vision-encoder-ls", required=True, help="branches to build: dino, sam, clip (comma list)")
     parser.add_argument("--dino", help="DINOv2 directory (Dinov2Model weights), needed for dino")
     parser.add_argument("--sam", help="SAM directory (SamModel weights; vision_encoder.* is used), needed for sam")

@@ -35,23 +35,38 @@ def test_report_has_every_figure_and_variant(base, tmp_path, capsys):
 
 
 def test_real_sizes_of_each_base():
-    """The public configs of each base's sizes, cut in depth (Qwen2.5-VL keeps a full-attention block); built on the
-    meta device, the plain side is the base's stock model; a size the base does not have is refused."""
+    """The public configs of each base's sizes, cut in depth (Qwen2.5-VL keeps a full-attention block, Qwen3-VL a
+    DeepStack block); built on the meta device, the plain side is the base's stock model; a size the base does not
+    have is refused."""
     assert {name: bench.real_sizes(base) for name, base in VPT_BASES.items()} == {
-        "qwen2_vl": ["2b", "7b"], "qwen2_5_vl": ["3b", "7b"]
+        "qwen2_vl": ["2b", "7b"], "qwen2_5_vl": ["3b", "7b"], "qwen3_vl": ["4b", "8b"]
     }
     vocab = bench.vocabulary("2b")
-    for name, size, hidden in (("qwen2_vl", "2b", 1536), ("qwen2_5_vl", "3b", 2048), ("qwen2_5_vl", "7b", 3584)):
+    sizes = (("qwen2_vl", "2b", 1536), ("qwen2_5_vl", "3b", 2048), ("qwen2_5_vl", "7b", 3584), ("qwen3_vl", "4b", 2560),
+             ("qwen3_vl", "8b", 4096))
+    for name, size, hidden in sizes:
         args = bench.parse_args(["--base", name, "--size", size, "--layers", "1", "--encoder-layers", "2"])
         config = bench.build_config(args, "dino", vocab)
         assert type(config) is VPT_BASES[name].config_class and config.text_config.hidden_size == hidden
         assert config.text_config.num_hidden_layers == 1 and config.vision_config.depth == 2
         if name == "qwen2_5_vl":
             assert config.vision_config.fullatt_block_indexes == [1]
+        if name == "qwen3_vl":  # nested text config, DeepStack cut to the blocks and layers left, 16-pixel patches
+            assert config.vision_config.deepstack_visual_indexes == [1]
+            assert config.tie_word_embeddings == config.text_config.tie_word_embeddings == (size == "4b")
+            assert (args.image_size, bench.shapes(args).crop) == (384, 192)
         plain, vpt = bench.build_models(args, "dino", vocab, torch.device("meta"), torch.float32)
         assert type(plain) is VPT_BASES[name].stock_model_class and type(vpt) is VPT_BASES[name].model_class
+        assert (plain.lm_head.weight is plain.get_input_embeddings().weight) == (size in ("2b", "3b", "4b"))
+    full = bench.build_config(bench.parse_args(["--base", "qwen3_vl", "--size", "8b"]), "clip", vocab)
+    assert full.text_config.num_hidden_layers == 36 and full.vision_config.deepstack_visual_indexes == [8, 16, 24]
+    cut = bench.build_config(bench.parse_args(["--base", "qwen3_vl", "--size", "8b", "--layers", "2"]), "clip", vocab)
+    assert cut.vision_config.deepstack_visual_indexes == [8, 16]  # one feature per decoder layer at most
     with pytest.raises(SystemExit):
         bench.parse_args(["--base", "qwen2_vl", "--size", "3b"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--base", "qwen3_vl", "--size", "4b", "--image-size", "336"])  # not a multiple of 32
+    assert bench.parse_args(["--base", "qwen2_vl", "--size", "2b"]).image_size == 336
 
 
 @pytest.fixture(scope="module", params=BASES)

@@ -1,5 +1,6 @@
 """The demo (`scripts/demo.sh`) end to end at its smallest size: data, tiny model, both training stages through
-`llamafactory-cli train`, the two-round evaluation of the untrained and the trained model, and the report."""
+`llamafactory-cli train`, the two-round evaluation of the untrained and the trained model, and the report; on the
+default base and on Qwen3-VL (`--base qwen3_vl`)."""
 
 import json
 import os
@@ -14,15 +15,25 @@ from transformers_vpt.models.bases import VPT_BASES
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow  # the whole demo pipeline, about a minute
-def test_quick_demo_runs_every_stage_and_reports(tmp_path):
+@pytest.mark.slow  # the whole demo pipeline, about a minute (each base)
+@pytest.mark.parametrize("base", [None, "qwen3_vl"], ids=["default", "qwen3_vl"])
+def test_quick_demo_runs_every_stage_and_reports(base, tmp_path):
     out = tmp_path / "demo"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    env = {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        ["bash", "scripts/demo.sh", "--quick", "--no-install", "--out-dir", str(out)],
+        ["bash", "scripts/demo.sh", "--quick", "--no-install", "--out-dir", str(out), *(["--base", base] * bool(base))],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    entry = VPT_BASES[base or "qwen2_vl"]
+    assert (out / "sources" / entry.label.lower() / "config.json").is_file()  # the tiny stock model of the base
+    for model in (out / "vpt-init", out / "runs" / "instruction"):
+        assert json.loads((model / "config.json").read_text())["model_type"] == entry.model_types[0], model
+    template = "vpt_qwen3_vl_nothink" if base == "qwen3_vl" else entry.template
+    assert f"template {template})" in result.stdout
+    assert "</think>" not in result.stdout  # no empty thinking block in the training labels LLaMA-Factory prints
 
     for stage in ("alignment", "instruction"):
         assert (out / "runs" / stage / "model.safetensors").is_file(), stage
@@ -43,12 +54,13 @@ def test_an_unknown_base_stops_before_anything_is_written(tmp_path):
     """`--base` takes the bases of `transformers_vpt.models.bases`; another name is one line and exit status 2."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(
-        ["bash", "scripts/demo.sh", "--no-install", "--base", "qwen3_vl", "--out-dir", str(tmp_path / "demo")],
+        ["bash", "scripts/demo.sh", "--no-install", "--base", "qwen9_vl", "--out-dir", str(tmp_path / "demo")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 2
     known = ", ".join(VPT_BASES)
-    assert result.stderr.strip().splitlines()[-1] == f"demo.sh: unknown --base 'qwen3_vl'; choose from {known}"
+    assert "qwen3_vl" in known
+    assert result.stderr.strip().splitlines()[-1] == f"demo.sh: unknown --base 'qwen9_vl'; choose from {known}"
     assert not (tmp_path / "demo").exists()
     usage = subprocess.run(["bash", "scripts/demo.sh", "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
     assert "--base BASE" in usage.stdout

@@ -1,6 +1,6 @@
 """The evaluation driver on tiny CPU models: every released split kind and route, the Qwen2-VL baseline, Qwen2.5-VL
-VPT and baseline models, broken records, resume after a kill, the LLM judge on a local server, region-token accuracy,
-the reports and the CLI."""
+and Qwen3-VL VPT and baseline models, broken records, resume after a kill, the LLM judge on a local server,
+region-token accuracy, the reports and the CLI."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from PIL import Image
 from utils import (
     ROOT,
     SPAN_A,
+    SYSTEM,
     FakeOpenAI,
     action_record,
     draw,
@@ -252,36 +253,45 @@ def test_baseline_judge_and_reports(vpt_run, data, models, tmp_path, monkeypatch
     assert usage_md in markdown and "| qwen2vl | POPE_action_test | 5 | 0 (0%) |" in usage_md
 
 
-def test_qwen2_5_vl_vpt_and_baseline(vpt_run, data, tmp_path):
-    """A Qwen2.5-VL VPT model takes the same routes on every split as the Qwen2-VL one (same scripts, same round-1
-    texts, boxes and round-2 prompts); a plain Qwen2.5-VL checkpoint is the one-round baseline."""
+@pytest.mark.parametrize("base", ["qwen2_5_vl", "qwen3_vl"])
+def test_other_base_vpt_and_baseline(base, vpt_run, data, tmp_path):
+    """A Qwen2.5-VL or Qwen3-VL VPT model takes the same routes on every split as the Qwen2-VL one (same scripts, same
+    round-1 texts, boxes and round-2 prompts, which on Qwen3-VL have no default system turn); a plain checkpoint of
+    the base is the one-round baseline."""
     data_dir, scripts, expected = data
     root = tmp_path / "models"
-    _, processor = build_tiny_vpt(save_dir=root / "vpt25", base="qwen2_5_vl")
-    _, plain_processor = build_tiny_base("qwen2_5_vl", save_dir=root / "qwen25")
+    _, processor = build_tiny_vpt(save_dir=root / "vpt_other", base=base)
+    _, plain_processor = build_tiny_base(base, save_dir=root / "plain_other")
+    system = SYSTEM if processor.apply_chat_template([{"role": "user", "content": "Q"}]).startswith(SYSTEM) else ""
+    assert bool(system) == (base != "qwen3_vl")  # Qwen3-VL's template has no default system turn
     out = tmp_path / "run"
-    results, _ = ev.evaluate(eval_config(data_dir, out, root / "vpt25"), scripted(processor, scripts))
+    results, _ = ev.evaluate(eval_config(data_dir, out, root / "vpt_other"), scripted(processor, scripts))
     keys = ("index", "action", "round1_text", "boxes", "round2_prompt", "prompt")
+
+    def without_system(answer: dict) -> dict:
+        prompt = answer["round2_prompt"]
+        return {**answer, "round2_prompt": prompt if prompt is None or system else prompt.removeprefix(SYSTEM)}
+
     for dataset in RELEASED_TEST_SETS:
-        ours = read_jsonl(out / "vpt25" / dataset / "answers.jsonl")
-        theirs = read_jsonl(vpt_run[0] / "vpt" / dataset / "answers.jsonl")
+        ours = read_jsonl(out / "vpt_other" / dataset / "answers.jsonl")
+        theirs = [without_system(a) for a in read_jsonl(vpt_run[0] / "vpt" / dataset / "answers.jsonl")]
         assert [{k: a[k] for k in keys} for a in ours] == [{k: a[k] for k in keys} for a in theirs]
-        assert results["vpt25"][dataset]["answered"] == GOOD_RECORDS[dataset]
+        assert results["vpt_other"][dataset]["answered"] == GOOD_RECORDS[dataset]
 
     answers = {f"[q{k:02d}]": answer for k, (_, answer) in enumerate(expected.values())}
     datasets = ["GQA_region_test", "POPE_action_test"]
-    cfg = eval_config(data_dir, out, root / "vpt25", root / "qwen25", extra=["--datasets", *datasets])
+    cfg = eval_config(data_dir, out, root / "vpt_other", root / "plain_other", extra=["--datasets", *datasets])
     results, _ = ev.evaluate(cfg, scripted(plain_processor, answers))  # the VPT model has nothing left to answer
     assert {name: model["kind"] for name, model in load(out / "summary.json")["models"].items()} == {
-        "vpt25": "vpt",
-        "qwen25": "baseline",
+        "vpt_other": "vpt",
+        "plain_other": "baseline",
     }
     for dataset in datasets:
-        rows = load(out / "qwen25" / dataset / "final_answers.json")
+        rows = load(out / "plain_other" / dataset / "final_answers.json")
         assert [(row["action"], row["answer"]) for row in rows] == [
             ("none", expected[dataset, row["index"]][1]) for row in rows
         ]
-        assert load(out / "qwen25" / dataset / "settings.json")["mode"] == "free"
+        assert load(out / "plain_other" / dataset / "settings.json")["mode"] == "free"
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(data, models, tmp_path, monkeypatch):
@@ -490,8 +500,8 @@ def test_usage_errors_and_nothing_to_evaluate(data, models, tmp_path, capsys):
     capsys.readouterr()
     assert ev.main(["--model", str(llama), *base[2:]]) == 2
     assert (
-        "model_type 'llama' is neither a VPT model (qwen2_vl_vpt, vrt_qwen2_vl, qwen2_5_vl_vpt) nor a plain base "
-        "model (qwen2_vl, qwen2_5_vl)" in capsys.readouterr().err
+        "model_type 'llama' is neither a VPT model (qwen2_vl_vpt, vrt_qwen2_vl, qwen2_5_vl_vpt, qwen3_vl_vpt) nor a "
+        "plain base model (qwen2_vl, qwen2_5_vl, qwen3_vl)" in capsys.readouterr().err
     )
 
     broken = tmp_path / "broken"

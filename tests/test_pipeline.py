@@ -14,14 +14,16 @@ from utils import (
     SPAN_A,
     SPAN_B,
     SPAN_C,
+    SYSTEM,
     expected_round2,
     make_image,
     scripted_kwargs,
 )
 
+from transformers_vpt.images import IMAGE_RESOLUTION, fit_image
 from transformers_vpt.models.bases import VPT_BASES
-from transformers_vpt.pipeline import VPTPipeline, build_user_text, cap_image, load_pipeline, route
-from transformers_vpt.tiny.assemble import build_tiny_vpt
+from transformers_vpt.pipeline import BaselinePipeline, VPTPipeline, build_user_text, cap_image, load_pipeline, route
+from transformers_vpt.tiny.assemble import build_tiny_base, build_tiny_vpt
 from transformers_vpt.vocabulary import BRANCH_TOKENS, REENCODE_TRIGGER, REGION_TRIGGER
 
 DET, SEG, CLIP = BRANCH_TOKENS["dino"], BRANCH_TOKENS["sam"], BRANCH_TOKENS["clip"]
@@ -38,6 +40,11 @@ CASES = {
     "Q conflict?": (SPAN_A + DET.action_triple, "conflict", []),
 }
 SCRIPTS = {question: text for question, (text, _, _) in CASES.items()}
+
+
+def has_default_system(processor) -> bool:
+    """Whether the processor's chat template opens a conversation without a system turn with the default one."""
+    return processor.apply_chat_template([{"role": "user", "content": "Q"}]).startswith(SYSTEM)
 
 
 @pytest.mark.parametrize("base", BASES, indirect=True)
@@ -57,6 +64,8 @@ def test_every_route(base, pipeline, generate_calls, question):
 
     assert len(generate_calls) == 2
     prompt, images = expected_round2(question, round1, action, boxes, image)
+    if not has_default_system(processor):  # Qwen3-VL's chat template has no default system turn
+        prompt = prompt.removeprefix(SYSTEM)
     assert result.round2_prompt == prompt
     expected = processor(text=[prompt], **images, return_tensors="pt")
     inputs, output = generate_calls[1]
@@ -107,6 +116,32 @@ def test_from_pretrained_and_crop_paths(tmp_path, base, pipeline):
     (in_memory,) = pipeline([make_image().crop((320, 240, 640, 480))], ["Q region?"], **kwargs)
     assert from_path == in_memory
     assert from_path.boxes == [(40, 60, 280, 180)]  # the box rule on the 320x240 crop
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_a_plain_base_checkpoint_is_the_one_round_baseline(base, tmp_path):
+    """`load_pipeline` runs a plain checkpoint of every base with `BaselinePipeline`: its stock model class, its base's
+    VPT processor, one round; the answer is the stock model's own greedy output on the stock processor's inputs."""
+    entry = VPT_BASES[base]
+    stock, stock_processor = build_tiny_base(base, save_dir=tmp_path / "plain")
+    pipeline = load_pipeline(tmp_path / "plain")
+    assert type(pipeline) is BaselinePipeline and pipeline.progress_name == entry.label
+    assert type(pipeline.model) is entry.stock_model_class and type(pipeline.processor) is entry.processor_class
+    image = make_image(size=(120, 90))
+    (result,) = pipeline([image], ["What is it?"], generation_kwargs={"max_new_tokens": 5})
+    assert (result.action, result.boxes, result.round2_prompt) == ("none", [], None)
+
+    text = stock_processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat is it?"}]}],
+        add_generation_prompt=True,
+    )
+    inputs = stock_processor(text=[text], images=[fit_image(image, IMAGE_RESOLUTION)], return_tensors="pt")
+    pad = stock_processor.tokenizer.pad_token_id
+    output = stock.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=pad)
+    new_tokens = output[0, inputs["input_ids"].shape[1] :]
+    assert result.round1_text == stock_processor.decode(new_tokens, skip_special_tokens=True)
+    with pytest.raises(ValueError, match="mode must be 'free'"):
+        pipeline([image], ["What is it?"], mode="region")
 
 
 def test_progress_bar(pipeline, capsys):

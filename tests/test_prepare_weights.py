@@ -1,23 +1,27 @@
-"""transformers_vpt.weights and scripts/prepare_weights.py on tiny local base (Qwen2-VL, Qwen2.5-VL), DINOv2 and SAM
-models (safetensors and .bin)."""
+"""transformers_vpt.weights and scripts/prepare_weights.py on tiny local base (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), DINOv2
+and SAM models (safetensors and .bin)."""
 
 import json
 import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, Dinov2Model, SamModel
 
 from scripts import prepare_weights as prepare_cli
 from transformers_vpt.models.bases import VPT_BASES
+from transformers_vpt.tiny.assemble import build_tiny_base
+from transformers_vpt.tiny.model import TINY_BASES
 from transformers_vpt.tiny.sources import build_sources
 from transformers_vpt.vocabulary import BRANCH_TOKENS, REGION_TOKENS, token_id
 from transformers_vpt.weights import prepare_weights
 
-SOURCES = [("qwen2_vl", True), ("qwen2_vl", False), ("qwen2_5_vl", True)]
+SOURCES = [("qwen2_vl", True), ("qwen2_vl", False), ("qwen2_5_vl", True), ("qwen3_vl", True)]
+SOURCE_IDS = [f"{base}-{'safetensors' if safe else 'bin'}" for base, safe in SOURCES]
 
 
-@pytest.fixture(scope="module", params=SOURCES, ids=["qwen2_vl-safetensors", "qwen2_vl-bin", "qwen2_5_vl-safetensors"])
+@pytest.fixture(scope="module", params=SOURCES, ids=SOURCE_IDS)
 def sources(request, tmp_path_factory):
     """The tiny sources of one base: (base name, directories by kind; the base model's is also under "base")."""
     base, safe = request.param
@@ -44,8 +48,9 @@ def test_all_branches(sources, tmp_path):
         *base_flag(base, dirs["base"]), "--dino", str(dirs["dino"]), "--sam", str(dirs["sam"]),
         "--vision-encoder-ls", "dino,sam,clip", "--seg-projector-stride", "1", "--output-dir", str(tmp_path),
     ])
-    model = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    model, info = AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=True)
     assert type(model) is entry.model_class
+    assert info["missing_keys"] == info["unexpected_keys"] == [], info  # the saved layout loads as it is
     assert model.config.model_type == entry.model_types[0]
     assert model.config.vision_encoder_ls == ["dino", "sam", "clip"]
     state = model.state_dict()
@@ -59,7 +64,7 @@ def test_all_branches(sources, tmp_path):
     stock_vision = entry.stock_model_class.config_class.from_pretrained(dirs["base"]).vision_config.to_dict()
     assert {k: v for k, v in model.config.vision_config.to_dict().items() if k != "dtype"} == {
         k: v for k, v in stock_vision.items() if k != "dtype"
-    }  # e.g. Qwen2.5-VL's window_size and fullatt_block_indexes
+    }  # e.g. Qwen2.5-VL's window_size and fullatt_block_indexes, Qwen3-VL's deepstack_visual_indexes
 
     processor = AutoProcessor.from_pretrained(tmp_path)
     assert type(processor) is entry.processor_class
@@ -110,7 +115,7 @@ def test_clip_needs_no_encoder_and_dino_needs_its_directory(sources, tmp_path):
 
 @pytest.fixture(scope="module")
 def both_bases(tmp_path_factory):
-    """A tiny stock Qwen2-VL and Qwen2.5-VL directory, by base name (clip-only runs need no encoders)."""
+    """A tiny stock model directory of every base, by base name (clip-only runs need no encoders)."""
     root = tmp_path_factory.mktemp("bases")
     return {base: build_sources(root / base, base=base)[base] for base in VPT_BASES}
 
@@ -130,9 +135,10 @@ def test_base_model_infers_the_base_from_its_config(both_bases, base, tmp_path):
 
 
 def test_a_base_that_disagrees_is_one_line(both_bases, tmp_path, capsys):
-    qwen2, qwen2_5 = both_bases["qwen2_vl"], both_bases["qwen2_5_vl"]
-    vpt = tmp_path / "vpt"
+    qwen2, qwen2_5, qwen3 = both_bases["qwen2_vl"], both_bases["qwen2_5_vl"], both_bases["qwen3_vl"]
+    vpt, vpt3 = tmp_path / "vpt", tmp_path / "vpt3"
     prepare_weights(qwen2_5, vpt, "clip")
+    prepare_weights(qwen3, vpt3, "clip")
     shutil.copytree(qwen2, tmp_path / "copy")
     clip = ["--vision-encoder-ls", "clip", "--output-dir", str(tmp_path / "out")]
     cases = [
@@ -141,6 +147,11 @@ def test_a_base_that_disagrees_is_one_line(both_bases, tmp_path, capsys):
         (["--qwen2-vl", str(qwen2_5)], "expected qwen2_vl (a Qwen2.5-VL base model: give it with --base-model DIR)"),
         (["--qwen2-vl", str(qwen2), "--base", "qwen2_5_vl"], "give the Qwen2.5-VL directory with --base-model"),
         (["--base-model", str(vpt)], "that is a Qwen2.5-VL VPT checkpoint; give the plain Qwen2.5-VL model"),
+        (["--base-model", str(qwen3), "--base", "qwen2_5_vl"],
+         "expected qwen2_5_vl (a Qwen3-VL base model: pass --base qwen3_vl or leave --base out)"),
+        (["--qwen2-vl", str(qwen3)], "expected qwen2_vl (a Qwen3-VL base model: give it with --base-model DIR)"),
+        (["--qwen2-vl", str(qwen2), "--base", "qwen3_vl"], "give the Qwen3-VL directory with --base-model"),
+        (["--base-model", str(vpt3)], "that is a Qwen3-VL VPT checkpoint; give the plain Qwen3-VL model"),
         (["--base-model", str(both_bases["qwen2_vl"].parent / "dinov2")], "expected a base model: qwen2_vl or"),
     ]
     for argv, message in cases:
@@ -151,3 +162,29 @@ def test_a_base_that_disagrees_is_one_line(both_bases, tmp_path, capsys):
     with pytest.raises(SystemExit):  # --base-model and --qwen2-vl name the same source: one of them
         prepare_cli.main(["--base-model", str(qwen2), "--qwen2-vl", str(qwen2), *clip])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_tied_word_embeddings_stay_tied(tmp_path):
+    """A base that ties its word embeddings (Qwen3-VL-4B; the text config decides) and saves them once, without
+    `lm_head.weight`, gives a VPT model with one tied matrix: old rows kept, new rows at the mean, tied after a
+    reload."""
+    directory = tmp_path / "qwen3-vl"
+    text = {**TINY_BASES["qwen3_vl"][2], "tie_word_embeddings": True}
+    stock, _ = build_tiny_base("qwen3_vl", save_dir=directory, text_config=text, tie_word_embeddings=True)
+    assert stock.lm_head.weight is stock.get_input_embeddings().weight
+    with safe_open(directory / "model.safetensors", "pt") as weights:
+        keys = set(weights.keys())
+    assert "lm_head.weight" not in keys and "model.language_model.embed_tokens.weight" in keys  # the current layout
+    old_size = len(AutoTokenizer.from_pretrained(directory))
+    old_rows = stock.get_input_embeddings().weight[:old_size]
+
+    model = prepare_weights(directory, tmp_path / "vpt", "dino,clip", dino=build_sources(tmp_path / "s")["dino"])
+    loaded, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "vpt", output_loading_info=True)
+    assert info["missing_keys"] == info["unexpected_keys"] == [], info
+    assert loaded.config.tie_word_embeddings and loaded.config.text_config.tie_word_embeddings
+    new_size = len(AutoTokenizer.from_pretrained(tmp_path / "vpt"))
+    for vpt in (model, loaded):
+        embeddings = vpt.get_input_embeddings().weight
+        assert vpt.lm_head.weight is embeddings
+        assert torch.equal(embeddings[:old_size], old_rows)
+        torch.testing.assert_close(embeddings[old_size:new_size], old_rows.mean(0).expand(new_size - old_size, -1))

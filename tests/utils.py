@@ -228,6 +228,7 @@ class Scripted(LogitsProcessor):
         self.scripts = {q: tokenizer.encode(text) + [tokenizer.eos_token_id] for q, text in scripts.items()}
         self.answer_tokens = answer_tokens
         self.im_start = tokenizer.convert_tokens_to_ids(IM_START_TEXT)
+        self.user_turn = tokenizer.encode(f"{IM_START_TEXT}user")
         self.header = len(tokenizer.encode(f"{IM_START_TEXT}assistant\n"))
 
     def __call__(self, input_ids, scores):
@@ -235,7 +236,8 @@ class Scripted(LogitsProcessor):
         for row, ids in enumerate(input_ids.tolist()):
             starts = [i for i, t in enumerate(ids) if t == self.im_start]
             generated = len(ids) - starts[-1] - self.header
-            if len(starts) == 3:  # system, user, assistant
+            user_turns = sum(ids[i : i + len(self.user_turn)] == self.user_turn for i in starts)
+            if user_turns == 1:  # round 1 (with or without a system turn: Qwen3-VL's template has none)
                 prompt = self.tokenizer.decode(ids)
                 script = next(s for q, s in self.scripts.items() if q in prompt)
                 out[row, script[min(generated, len(script) - 1)]] = 0.0

@@ -19,13 +19,15 @@ span; an x-only span counts), the box is the released formula as is, and a recor
 
 A question given to `VPTPipeline.__call__` is user text: control-token strings and placeholders in it stay plain
 text (`vocabulary.literal_text`). `run` takes ready user turns (a dataset's first message) whose placeholders keep
-their meaning. `BaselinePipeline` runs a plain base checkpoint (Qwen2-VL, Qwen2.5-VL: `BASELINE_MODEL_TYPES`) in one
-round with the same interface, and `load_pipeline` picks the class from the checkpoint's config. Every class of a
-checkpoint's base (model, VPT processor) comes from `transformers_vpt.models.bases`, by the config's `model_type`.
+their meaning. `BaselinePipeline` runs a plain base checkpoint (Qwen2-VL, Qwen2.5-VL, Qwen3-VL:
+`BASELINE_MODEL_TYPES`) in one round with the same interface, and `load_pipeline` picks the class from the
+checkpoint's config. Every class of a checkpoint's base (model, VPT processor) comes from
+`transformers_vpt.models.bases`, by the config's `model_type`.
 
 Images load through `transformers_vpt.images` (viewer pixels, 8-bit RGB). Images and crops are downscaled (long
-side <= ``max_image_side``, NEAREST, as the released data pipeline) before the processor. Each image is loaded and resized once per call and reused in round 2. The vision tower still encodes
-the original again in round 2: the round-2 prompt is a new prefill.
+side <= ``max_image_side``, NEAREST, as the released data pipeline) before the processor. Each image is loaded and
+resized once per call and reused in round 2. The vision tower still encodes the original again in round 2: the
+round-2 prompt is a new prefill.
 """
 
 from __future__ import annotations
@@ -99,9 +101,10 @@ _DEFAULT_GENERATION = {"do_sample": False, "max_new_tokens": 128}
 _ROUND_SEED_STRIDE = 1_000_003  # round 2 of a record draws from another stream than its round 1
 BASELINE_MODEL_TYPES = tuple(VPT_BASES)
 """Model types `load_pipeline` runs as the one-round baseline: the stock type of every base (``qwen2_vl``,
-``qwen2_5_vl``)."""
+``qwen2_5_vl``, ``qwen3_vl``)."""
 VPT_MODEL_TYPES = tuple(model_type for base in VPT_BASES.values() for model_type in base.model_types)
-"""Model types `VPTPipeline` runs: every base's VPT types (``qwen2_vl_vpt``, ``vrt_qwen2_vl``, ``qwen2_5_vl_vpt``)."""
+"""Model types `VPTPipeline` runs: every base's VPT types (``qwen2_vl_vpt``, ``vrt_qwen2_vl``, ``qwen2_5_vl_vpt``,
+``qwen3_vl_vpt``)."""
 
 
 @dataclass
@@ -225,8 +228,9 @@ class VPTPipeline:
 
     Args:
         model: A VPT model of any base (`VPT_Qwen2VLForConditionalGeneration`,
-            `VPT_Qwen2_5_VLForConditionalGeneration`), on any device and dtype.
-        processor: The matching VPT processor (`VPT_Qwen2VLProcessor`, `VPT_Qwen2_5_VLProcessor`).
+            `VPT_Qwen2_5_VLForConditionalGeneration`, `VPT_Qwen3VLForConditionalGeneration`), on any device and dtype.
+        processor: The matching VPT processor (`VPT_Qwen2VLProcessor`, `VPT_Qwen2_5_VLProcessor`,
+            `VPT_Qwen3VLProcessor`).
     """
 
     progress_name = "VPT"
@@ -509,7 +513,7 @@ def _released_crops(
 
 
 class BaselinePipeline(VPTPipeline):
-    """A plain base checkpoint (Qwen2-VL, Qwen2.5-VL) in one round, with `VPTPipeline`'s interface, images and
+    """A plain base checkpoint (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) in one round, with `VPTPipeline`'s interface, images and
     user-text rules.
 
     The evaluation gives it the question without the trigger phrase (the phrases ask for perception tokens a plain

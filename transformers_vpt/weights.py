@@ -1,15 +1,16 @@
-"""The initial VPT checkpoint from a local base model (Qwen2-VL or Qwen2.5-VL) and DINOv2 / SAM directories (Hugging
-Face format).
+"""The initial VPT checkpoint from a local base model (Qwen2-VL, Qwen2.5-VL or Qwen3-VL) and DINOv2 / SAM directories
+(Hugging Face format).
 
-`prepare_weights` writes one VPT model of the base (`qwen2_vl_vpt` or `qwen2_5_vl_vpt`, the bases of
+`prepare_weights` writes one VPT model of the base (`qwen2_vl_vpt`, `qwen2_5_vl_vpt` or `qwen3_vl_vpt`, the bases of
 `transformers_vpt.models.bases.VPT_BASES`): the base's weights, the DINOv2 weights as `detection_model.*`, SAM's
 `vision_encoder.*` as `seg_model.*`, freshly initialised projectors, and the encoder configs taken from their
 directories. Next to it: the tokenizer with the VPT tokens added (their embedding rows set to the mean embedding)
-and the base's VPT processor (`VPT_Qwen2VLProcessor`, `VPT_Qwen2_5_VLProcessor`) whose DINOv2/SAM preprocessing is
+and the base's VPT processor (`VPT_Qwen2VLProcessor`, `VPT_Qwen2_5_VLProcessor`, ...) whose DINOv2/SAM preprocessing is
 read from the encoders' `preprocessor_config.json` (the released preprocessing when absent). Everything loads with
 `from_pretrained`; nothing is downloaded. The base is the one the base directory's ``config.json`` declares
-(``model_type`` ``qwen2_vl`` or ``qwen2_5_vl``); a ``base`` given explicitly must agree with it. Before loading
-anything it checks each source's `model_type`, the output directory, and every tensor's shape.
+(``model_type`` ``qwen2_vl``, ``qwen2_5_vl`` or ``qwen3_vl``); a ``base`` given explicitly must agree with it.
+Before loading anything it checks each source's `model_type`, the output directory, and every tensor's shape. The
+base's word-embedding tying is kept (Qwen2.5-VL-3B and Qwen3-VL-4B tie them): a tied base gives a tied VPT model.
 
 The command line is ``scripts/prepare_weights.py``.
 """
@@ -178,7 +179,7 @@ def prepare_weights(
     """Build and save the initial VPT checkpoint; returns the model (see the module docstring).
 
     Args:
-        base_model: The local directory of the stock base model (Qwen2-VL-2B-Instruct, Qwen2.5-VL-3B-Instruct, ...).
+        base_model: The local directory of the stock base model (Qwen2-VL-2B-Instruct, Qwen3-VL-4B-Instruct, ...).
         output_dir: A new directory for the VPT checkpoint (not inside a source).
         vision_encoder_ls: Branches to build: ``dino``, ``sam``, ``clip`` (a list or a comma string).
         dino: The DINOv2 directory (`Dinov2Model` weights), needed for ``dino``.
@@ -222,6 +223,8 @@ def prepare_weights(
             state_dict.update(encoder_weights(kind, encoder_dirs[kind]))
 
     check_shapes(config, state_dict, entry.model_class)
+    # The source keys are in the checkpoint layout (`detection_model.*` top level, the base's own layout otherwise),
+    # which the VPT class's `from_pretrained` maps to module names on every base.
     model, info = entry.model_class.from_pretrained(
         None, config=config, state_dict=state_dict, dtype=base_config.dtype, output_loading_info=True
     )

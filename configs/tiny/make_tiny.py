@@ -2,7 +2,7 @@
 """Build everything the tiny recipes of this directory read, offline, in a few seconds.
 
 Written into ``--out-dir`` (default ``outputs/tiny``, where the recipes look): tiny random source models
-(``sources/``: the stock base model of ``--base``, Qwen2-VL by default or Qwen2.5-VL, DINOv2 and SAM), the VPT
+(``sources/``: the stock base model of ``--base``, Qwen2-VL by default, Qwen2.5-VL or Qwen3-VL, DINOv2 and SAM), the VPT
 checkpoint ``scripts/prepare_weights.py`` makes from them (``vpt-init``) and a tiny synthetic dataset (``data``);
 `transformers_vpt.tiny.sources.make_tiny` does the work.
 

@@ -44,9 +44,9 @@ def build_tiny_vpt(
             released single-branch tokenizers do.
         seed: Seed of the random weights.
         save_dir: If given, the model and the processor are saved there with ``save_pretrained``.
-        base: A key of `transformers_vpt.models.bases.VPT_BASES` (``qwen2_vl``, ``qwen2_5_vl``): the model is that
-            base's VPT class (`VPT_Qwen2VLForConditionalGeneration`, ...) with its tiny vision tower, the processor
-            that base's VPT processor.
+        base: A key of `transformers_vpt.models.bases.VPT_BASES` (``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``): the model
+            is that base's VPT class (`VPT_Qwen2VLForConditionalGeneration`, ...) with its tiny vision tower, the
+            processor that base's VPT processor.
     """
     model_class = get_base(base).model_class
     tokenizer = build_tiny_tokenizer(vision_encoder_ls)
@@ -69,7 +69,7 @@ def build_tiny_base(
     **config_overrides,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Build the tiny stock model of ``base`` (in eval mode) and its stock processor: `Qwen2VLForConditionalGeneration`
-    and `Qwen2VLProcessor`, or `Qwen2_5_VLForConditionalGeneration` and `Qwen2_5_VLProcessor`, with the tiny
+    and `Qwen2VLProcessor`, `Qwen2_5_VLForConditionalGeneration` and `Qwen2_5_VLProcessor`, ..., with the tiny
     tokenizer without any VPT token, the tiny image sizes, and the text and vision widths of the tiny VPT models.
 
     Args:

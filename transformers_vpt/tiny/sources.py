@@ -3,7 +3,7 @@
 Written into ``out_dir``:
 
 * ``sources/qwen2-vl`` (or ``sources/qwen2.5-vl``, by ``base``), ``sources/dinov2``, ``sources/sam``: tiny random
-  stock base (Qwen2-VL or Qwen2.5-VL), DINOv2 and SAM models in the Hugging Face layout of the real ones
+  stock base (Qwen2-VL, Qwen2.5-VL or Qwen3-VL), DINOv2 and SAM models in the Hugging Face layout of the real ones
   (safetensors, or ``.bin``), with their processor configs (`build_sources`);
 * ``vpt-init``: the VPT checkpoint of that base `transformers_vpt.weights.prepare_weights` makes from them (dino,
   sam and clip branches);
