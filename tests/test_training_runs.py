@@ -47,8 +47,18 @@ def run(workdir: Path, *args: str, check: bool = True, **env: str) -> subprocess
     }
     # bounded: a distributed hang fails the test instead of blocking the suite
     result = subprocess.run(args, cwd=workdir, env=environment, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0 and teardown_abort(result):  # rerun once; the rerun must pass on its own
+        result = subprocess.run(args, cwd=workdir, env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 or not check, result.stdout[-3000:] + result.stderr[-6000:]
     return result
+
+
+def teardown_abort(result: subprocess.CompletedProcess) -> bool:
+    """A torchrun rank that trained to the end and saved, then aborted while the process exited (a C++ thread still
+    joinable at exit: "terminate called without an active exception"). Seen once on a loaded 2-core CI machine in a
+    2-process gloo run, never reproduced in six reruns; it says nothing about the training."""
+    output = result.stdout + result.stderr
+    return "Training completed" in output and "terminate called without an active exception" in output
 
 
 def llamafactory(workdir: Path, command: str, recipe: str, *overrides: str, **env: str) -> subprocess.CompletedProcess:
@@ -267,8 +277,8 @@ QWEN3_VISION = ("visual.pos_embed.", "visual.deepstack_merger_list.")
 
 
 def branch_key(key: str) -> str:
-    """A checkpoint key without the VPT model's ``model.`` prefix, which Qwen3-VL checkpoints keep (transformers
-    reverses `_checkpoint_conversion_mapping` on save only for the VLM classes it lists)."""
+    """A checkpoint key without a ``model.`` prefix (checkpoints keep the branch modules at the top level; the
+    prefix is tolerated for checkpoints written before every base saved that layout)."""
     return key.removeprefix("model.")
 
 
