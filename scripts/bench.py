@@ -40,6 +40,18 @@ the same weights: pass 1 and pass 2 each over every input column (no prefix reus
 generation two decoder passes and two ``copy.deepcopy`` of the KV cache on every decode step, re-feeding the last two
 tokens after an action token. Its ratios use the same plain figures.
 
+``--sections compile`` (alone or with ``compare``, the comparison above and the default) measures compiled decoding:
+the ``--compile-variant`` VPT model generates ``--new-tokens`` tokens greedily with ``cache_implementation="static"``
+from the round-1 prompt, once as plain text and once with the action start forced as the second token (so the
+action's decode step runs), each eager (``disable_compile=True``) and with transformers' compiled decode step
+(``CompileConfig(fullgraph=True, backend=--compile-backend, dynamic=False)``, for inductor in transformers' default
+mode ``reduce-overhead``; the prefill stays eager). Per scenario it reports ``first_call_s`` (the first compiled
+``generate``, compilation included; dynamo is reset before the section), ``warm_call_s`` (median of the timed
+compiled calls), ``compile_s`` (their difference), ``eager_ms_per_token`` and ``compiled_ms_per_token`` (medians after
+the warm-up, decode steps only, as ``decode_tokens_per_s``), ``ratio`` (compiled / eager), ``graphs`` (decode graphs
+dynamo compiled in the scenario), ``tokens_equal`` (every compiled run generated the eager run's tokens) and
+``action_taken``. These entries join the ``--out`` list with ``"figure": "compiled_decode"``.
+
 Bases (``--base``): those of `transformers_vpt.models.bases` (``qwen2_vl``, the default, ``qwen2_5_vl`` and
 ``qwen3_vl``; on Qwen3-VL both sides add the DeepStack features after the first decoder layers). Sizes: ``tiny``
 (default; the tiny test configs of the base, CPU) or a real size of the base (``2b`` / ``7b`` for Qwen2-VL, ``3b`` /
@@ -68,9 +80,11 @@ from pathlib import Path
 
 import torch
 import transformers
+from torch._dynamo.utils import counters as dynamo_counters
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 from transformers import (
+    CompileConfig,
     GenerationMixin,
     LogitsProcessorList,
     PretrainedConfig,
@@ -130,6 +144,13 @@ FIGURES = {
 QWEN2_VL_FIRST_SPECIAL_ID = 151643  # <|endoftext|>; Qwen2-VL's 14 special tokens (Qwen2.5-VL's too), then VPT's
 QUESTION_TOKENS = 32
 FORCED_STEP = 1  # the action start is the second generated token
+SECTIONS = ("compare", "compile")
+COMPILE_FIGURE = "compiled_decode"
+COMPILE_SCENARIOS = {"text": False, "action": True}  # scenario -> whether the action start is forced
+# the fields of a compile entry, in the JSON report
+COMPILE_FIELDS = ("figure", "variant", "scenario", "backend", "new_tokens", "eager_ms_per_token",
+                  "compiled_ms_per_token", "ratio", "first_call_s", "warm_call_s", "compile_s", "graphs",
+                  "tokens_equal", "action_taken")
 
 
 # -------------------------------------------------------------------------------------------------- the upstream design
@@ -329,16 +350,21 @@ def plain_config(config: PretrainedConfig) -> PretrainedConfig:
                               **{key: getattr(config, key) for key in keys})
 
 
+def build_vpt(args, variant: str, vocab: dict[str, int], device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
+    """The VPT model of ``--base`` at ``--size`` for ``variant``, with random weights (seeded by ``--seed``)."""
+    config = build_config(args, variant, vocab)
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        return get_base(args.base).model_class(config).to(dtype)
+
+
 def build_models(args, variant: str, vocab: dict[str, int], device: torch.device, dtype: torch.dtype):
     """(plain, vpt): random VPT weights of ``--base``, and the base's stock model with the same text and vision
     weights; vision frozen."""
-    config = build_config(args, variant, vocab)
-    base = get_base(args.base)
-    torch.manual_seed(args.seed)
+    vpt = build_vpt(args, variant, vocab, device, dtype)
     with torch.device(device):
-        vpt = base.model_class(config).to(dtype)
         with no_init_weights():  # every weight is copied from the VPT model below
-            plain = base.stock_model_class(plain_config(config)).to(dtype)
+            plain = get_base(args.base).stock_model_class(plain_config(vpt.config)).to(dtype)
     plain.tie_weights()  # skipped by no_init_weights
     branch_modules = tuple(
         f"model.{name}." for branch in vpt.vpt_branches for name in (branch.encoder_attr, branch.projector_attr) if name
@@ -572,19 +598,31 @@ class StepClock(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def decode_tokens_per_s(model, prompt: dict, new_tokens: int, force: int | None, vocab: dict[str, int],
-                        device: torch.device) -> float:
+def timed_generate(model, prompt: dict, new_tokens: int, force: int | None, vocab: dict[str, int],
+                   device: torch.device, **generate_kwargs) -> tuple[torch.Tensor, float, list[float]]:
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens from ``prompt``, forcing ``force`` (if given) as the
+    token of step `FORCED_STEP`: (the sequences, the call's wall time in seconds, the time after every generated
+    token)."""
     model.eval()
     clock = StepClock(device)
     processors = (
         [ForceTokenAtStepLogitsProcessor(prompt["input_ids"].shape[1], FORCED_STEP, force)] if force is not None else []
     )
+    synchronize(device)
+    start = time.perf_counter()
     with torch.no_grad():
-        model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       logits_processor=LogitsProcessorList(processors),
-                       stopping_criteria=StoppingCriteriaList([clock]), pad_token_id=vocab["<|endoftext|>"],
-                       eos_token_id=vocab[IM_END])
-    return (new_tokens - 1) / (clock.times[-1] - clock.times[0])
+        sequences = model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                   logits_processor=LogitsProcessorList(processors),
+                                   stopping_criteria=StoppingCriteriaList([clock]),
+                                   pad_token_id=vocab["<|endoftext|>"], eos_token_id=vocab[IM_END], **generate_kwargs)
+    synchronize(device)
+    return sequences, time.perf_counter() - start, clock.times
+
+
+def decode_tokens_per_s(model, prompt: dict, new_tokens: int, force: int | None, vocab: dict[str, int],
+                        device: torch.device) -> float:
+    _, _, times = timed_generate(model, prompt, new_tokens, force, vocab, device)
+    return (new_tokens - 1) / (times[-1] - times[0])
 
 
 def medians(runs: dict[str, Callable[[], float]], warmup: int, repeats: int) -> dict[str, float]:
@@ -647,6 +685,70 @@ def bench_variant(args, variant: str, vocab: dict[str, int], device: torch.devic
     return entries
 
 
+def compile_mode(backend: str) -> str | None:
+    """transformers' default mode for inductor; none for the other backends, which ignore it."""
+    return CompileConfig().mode if backend == "inductor" else None
+
+
+def bench_compile(args, vocab: dict[str, int], device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """Static-cache greedy decoding of the ``--compile-variant`` VPT model, eager against transformers' compiled decode
+    step (``CompileConfig(fullgraph=True, backend=--compile-backend, dynamic=False)``, see `compile_mode`), in
+    each of `COMPILE_SCENARIOS`: one entry per scenario (see `COMPILE_FIELDS`).
+
+    Dynamo is reset first, so the first compiled call of the first scenario compiles the decode step; the second
+    scenario's first call reuses that graph unless a guard fails (``graphs`` counts what each scenario compiles). The
+    prefill runs eager on both sides, as transformers' ``generate`` does. Every compiled run's tokens are compared
+    with the eager run's."""
+    variant = args.compile_variant
+    vpt = build_vpt(args, variant, vocab, device, dtype).eval()
+    prompt = to_device(
+        make_inputs(variant, vpt.config, vocab, shapes(args), args.seq_len, args.batch_size, args.seed)["round1"],
+        device,
+    )
+    tokens = BRANCHES[variant].tokens
+    action_start, action = (getattr(vpt.config, field) for field in (tokens.action_start_id_field,
+                                                                     tokens.action_id_field))
+    compile_config = CompileConfig(fullgraph=True, backend=args.compile_backend, dynamic=False,
+                                   mode=compile_mode(args.compile_backend))
+    compile_config._compile_all_devices = True  # generate compiles on CUDA only unless told otherwise
+    torch.compiler.reset()
+    entries = []
+    for scenario, forced in COMPILE_SCENARIOS.items():
+        run = partial(timed_generate, vpt, prompt, args.new_tokens, action_start if forced else None, vocab, device,
+                      cache_implementation="static")
+        calls = {"eager": partial(run, disable_compile=True), "compiled": partial(run, compile_config=compile_config)}
+        reference, _, _ = calls["eager"]()  # also the eager side's first call (its static cache is allocated)
+        graphs = dynamo_counters["stats"]["unique_graphs"]
+        first, first_call_s, _ = calls["compiled"]()
+        graphs = dynamo_counters["stats"]["unique_graphs"] - graphs
+        sequences, walls = {"eager": [reference], "compiled": [first]}, {"eager": [], "compiled": []}
+
+        def ms_per_token(side: str) -> float:
+            output, wall, times = calls[side]()
+            sequences[side].append(output)
+            walls[side].append(wall)
+            return 1000 * (times[-1] - times[0]) / (args.new_tokens - 1)
+
+        values = medians({side: partial(ms_per_token, side) for side in calls}, args.warmup, args.repeats)
+        warm_call_s = statistics.median(walls["compiled"][-args.repeats:])
+        generated = reference[:, prompt["input_ids"].shape[1]:]
+        entries.append(dict(
+            figure=COMPILE_FIGURE, variant=variant, scenario=scenario, backend=args.compile_backend,
+            new_tokens=args.new_tokens, eager_ms_per_token=values["eager"], compiled_ms_per_token=values["compiled"],
+            ratio=values["compiled"] / values["eager"], first_call_s=first_call_s, warm_call_s=warm_call_s,
+            compile_s=first_call_s - warm_call_s, graphs=graphs,
+            tokens_equal=all(torch.equal(output, reference) for output in chain(*sequences.values())),
+            action_taken=bool((generated == action).any()),
+        ))
+        if not entries[-1]["tokens_equal"]:
+            logger.warning(f"compiled decoding ({scenario}) generated other tokens than eager decoding")
+    del vpt
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return entries
+
+
 # ---------------------------------------------------------------------------------------------------- reporting
 def machine_description(device: torch.device, dtype: torch.dtype) -> str:
     cpuinfo = Path("/proc/cpuinfo")
@@ -676,6 +778,20 @@ def format_table(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_compile_table(entries: list[dict]) -> str:
+    lines = [f"{'scenario':<10}{'variant':<9}{'backend':<10}{'eager ms/tok':>13}{'compiled ms/tok':>16}{'ratio':>8}"
+             f"{'first call s':>14}{'compile s':>11}{'graphs':>8}  tokens equal",
+             "-" * 113]
+    for e in entries:
+        lines.append(f"{e['scenario']:<10}{e['variant']:<9}{e['backend']:<10}{e['eager_ms_per_token']:>13.4g}"
+                     f"{e['compiled_ms_per_token']:>16.4g}{e['ratio']:>8.3f}{e['first_call_s']:>14.4g}"
+                     f"{e['compile_s']:>11.4g}{e['graphs']:>8}  {'yes' if e['tokens_equal'] else 'NO'}")
+    lines.append("(static-cache greedy decoding; ms/tok: decode steps after warm-up, prefill excluded; "
+                 "ratio = compiled / eager; first call: the first compiled generate, compilation included; "
+                 "compile = first call - warm call; graphs: decode graphs compiled in the scenario)")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -698,6 +814,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="variants to measure (default: all)")
     parser.add_argument("--upstream-variant", choices=VARIANTS[1:], default="dino",
                         help=f"variant on which the {UPSTREAM} rows are measured; must be in --variants "
+                             "(default: dino)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=["compare"],
+                        help="what to measure: compare (VPT / plain / upstream design, the table of figures), compile "
+                             "(static-cache decoding eager against compiled) (default: compare)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the compile section (default: inductor; eager traces the "
+                             "graph without generating code, for tests)")
+    parser.add_argument("--compile-variant", choices=VARIANTS[1:], default="dino",
+                        help="variant whose VPT model the compile section decodes, with and without its action "
                              "(default: dino)")
     parser.add_argument("--seq-len", type=int, help="training sequence length (default: 256 tiny, 1024 real sizes)")
     parser.add_argument("--batch-size", type=int, default=1, help="rows per batch (default: 1)")
@@ -747,13 +872,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"Setup: base {args.base}, size {args.size}, layers {args.layers or 'all'}, "
           f"encoder layers {args.encoder_layers or 'all'}, seq-len {args.seq_len}, batch {args.batch_size}, "
           f"image {args.image_size}px, {args.new_tokens} new tokens, "
-          f"para-mask-ratio {args.para_mask_ratio}, {args.warmup} warm-up + {args.repeats} repeats (medians)")
+          f"para-mask-ratio {args.para_mask_ratio}, {args.warmup} warm-up + {args.repeats} repeats (medians), "
+          f"sections {' '.join(args.sections)}"
+          + (f", compile: {args.compile_variant} model, backend {args.compile_backend}, mode "
+             f"{compile_mode(args.compile_backend)}, fullgraph, static shapes" if "compile" in args.sections else ""))
     entries = []
-    with tqdm(total=len(args.variants) * (len(FIGURES) + 1), desc="measurements", disable=None) as progress:
-        for variant in args.variants:
-            entries += bench_variant(args, variant, vocab, device, dtype, progress)
-    entries.sort(key=lambda e: (list(FIGURES).index(e["figure"]), [*VARIANTS, UPSTREAM].index(e["variant"])))
-    print(format_table(entries))
+    if "compare" in args.sections:
+        with tqdm(total=len(args.variants) * (len(FIGURES) + 1), desc="measurements", disable=None) as progress:
+            for variant in args.variants:
+                entries += bench_variant(args, variant, vocab, device, dtype, progress)
+        entries.sort(key=lambda e: (list(FIGURES).index(e["figure"]), [*VARIANTS, UPSTREAM].index(e["variant"])))
+        print(format_table(entries))
+    if "compile" in args.sections:
+        compiled = bench_compile(args, vocab, device, dtype)
+        print(format_compile_table(compiled))
+        entries += compiled
     if args.out:
         write_json(args.out, entries)
     return entries

@@ -152,3 +152,51 @@ def test_upstream_design_has_vpt_numerics(dino):
     ]
     assert torch.equal(outputs[0], outputs[1])
     assert vpt.config.detection_action_id in outputs[0][0].tolist()
+
+
+def test_compile_section_decodes_as_eager(tmp_path, capsys):
+    """The compile section on the tiny model with the eager backend (dynamo traces the decode step in one graph,
+    no code generation): a report entry per scenario, compiled tokens equal to eager ones, the action step reusing the
+    decode graph."""
+    out = tmp_path / "bench.json"
+    entries = bench.main(["--sections", "compile", "--compile-backend", "eager", "--new-tokens", "4", "--repeats", "1",
+                          "--warmup", "0", "--seq-len", str(SEQ_LEN), "--out", str(out)])
+    assert json.loads(out.read_text()) == entries
+    assert [e["scenario"] for e in entries] == list(bench.COMPILE_SCENARIOS)
+    for entry in entries:
+        assert tuple(entry) == bench.COMPILE_FIELDS
+        assert (entry["figure"], entry["variant"], entry["backend"], entry["new_tokens"]) == (
+            bench.COMPILE_FIGURE, "dino", "eager", 4)
+        assert entry["tokens_equal"] is True, entry["scenario"]
+        assert entry["eager_ms_per_token"] > 0 and entry["compiled_ms_per_token"] > 0
+        assert entry["ratio"] == pytest.approx(entry["compiled_ms_per_token"] / entry["eager_ms_per_token"])
+        assert entry["first_call_s"] > 0 and entry["warm_call_s"] > 0
+        assert entry["compile_s"] == pytest.approx(entry["first_call_s"] - entry["warm_call_s"])
+    text, action = entries
+    assert text["graphs"] == 1  # generate compiled the decode step once (prefill and decode states alike)
+    assert action["graphs"] == 0  # the action's decode step runs the same graph
+    assert (text["action_taken"], action["action_taken"]) == (False, True)
+    printed = capsys.readouterr().out
+    assert "sections compile, compile: dino model, backend eager" in printed
+    assert "tokens equal" in printed and "NO" not in printed.split("tokens equal", 1)[1]
+
+
+def test_compile_section_reports_other_tokens(monkeypatch):
+    """A compiled run whose tokens differ from the eager run's is reported (here the "compiled" calls run eager and
+    their last token is changed, so that nothing is compiled)."""
+    timed_generate = bench.timed_generate
+
+    def altered(*args, **kwargs):
+        if kwargs.pop("compile_config", None) is None:
+            return timed_generate(*args, **kwargs)
+        sequences, wall, times = timed_generate(*args, **kwargs, disable_compile=True)
+        sequences = sequences.clone()
+        sequences[:, -1] += 1
+        return sequences, wall, times
+
+    monkeypatch.setattr(bench, "timed_generate", altered)
+    args = bench.parse_args(["--sections", "compile", "--compile-backend", "eager", "--new-tokens", "4", "--repeats",
+                             "1", "--warmup", "0", "--seq-len", str(SEQ_LEN)])
+    entries = bench.bench_compile(args, bench.vocabulary("tiny"), CPU, torch.float32)
+    assert [entry["tokens_equal"] for entry in entries] == [False, False]
+    assert "NO" in bench.format_compile_table(entries)

@@ -1037,8 +1037,8 @@ class VPTForConditionalGenerationMixin(VPTPreTrainedMixin):
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("past_key_values")
-        if cache is not None:
-            setattr(cache, CONTROL_STATE_ATTR, outputs.last_hidden_state)
+        if cache is not None:  # contiguous: a compiled decode step sees the same strides after prefill and decode
+            setattr(cache, CONTROL_STATE_ATTR, outputs.last_hidden_state.clone(memory_format=torch.contiguous_format))
         model_kwargs.pop("prev_hidden_state", None)  # a caller's value served the first step only
         return model_kwargs
 
@@ -1071,7 +1071,8 @@ class VPTForConditionalGenerationMixin(VPTPreTrainedMixin):
         expanded = {}
         for branch in BRANCHES.values():
             pad_id = self.model._branch_token_ids(branch, "image_token_id_field")
-            keys = ("clip_pixel_values", "clip_images_grid_thw") if branch.kind == "clip" else (branch.tokens.images_key,)
+            clip = branch.kind == "clip"
+            keys = ("clip_pixel_values", "clip_images_grid_thw") if clip else (branch.tokens.images_key,)
             if pad_id is None or all(key not in extra for key in keys):
                 continue
             is_pad = input_ids == pad_id
@@ -1118,8 +1119,8 @@ class VPTForConditionalGenerationMixin(VPTPreTrainedMixin):
         return_dict = return_dict if return_dict is not None else self.config.use_return_dict
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, pixel_values=pixel_values,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, pixel_values=pixel_values,
             pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
             rope_deltas=rope_deltas, cache_position=cache_position, detection_images=detection_images,
             seg_images=seg_images, clip_pixel_values=clip_pixel_values, clip_images_grid_thw=clip_images_grid_thw,
