@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoProcessor
+from utils import tiny_image, vision_run
 
 from transformers_vpt.models.qwen2_vl_vpt.processing_qwen2_vl_vpt import (
     VPT_CHAT_TEMPLATE,
@@ -22,7 +22,7 @@ from transformers_vpt.tiny.processor import (
     build_tiny_processor,
 )
 from transformers_vpt.tiny.tokenizer import build_tiny_tokenizer
-from transformers_vpt.vocabulary import BRANCH_TOKENS, IMAGE_PAD, REENCODE_TRIGGER, VISION_END, VISION_START
+from transformers_vpt.vocabulary import BRANCH_TOKENS, IMAGE_PAD, REENCODE_TRIGGER
 
 torch.set_num_threads(1)
 
@@ -34,15 +34,6 @@ CLIP_KEYS = ("clip_pixel_values", "clip_images_grid_thw")
 @pytest.fixture(scope="module")
 def processor() -> VPT_Qwen2VLProcessor:
     return build_tiny_processor()
-
-
-def make_image(width: int = 56, height: int = 56, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def run(pad: str, n: int) -> str:
-    return VISION_START + pad * n + VISION_END
 
 
 def pad_counts(processor, input_ids, pad: str) -> list[int]:
@@ -90,14 +81,14 @@ def test_num_image_tokens(processor):
 @pytest.mark.parametrize("kind,placeholder,pad,images_key", KINDS)
 @pytest.mark.parametrize("style", ["dataset", "chat"])
 def test_expansion_several_images_and_samples(processor, kind, placeholder, pad, images_key, style):
-    mark = placeholder if style == "dataset" else run(pad, 1)
+    mark = placeholder if style == "dataset" else vision_run(pad, 1)
     texts = [f"{mark}red {mark}blue", f"What{mark}"]
-    images = [make_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
+    images = [tiny_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
     out = processor(text=texts, **{images_key: images}, padding=True, return_tensors="pt")
 
     n = expected_tokens(kind)
     decoded = [t.replace("<|endoftext|>", "") for t in processor.batch_decode(out["input_ids"])]
-    assert decoded == [f"{run(pad, n[0])}red {run(pad, n[1])}blue", f"What{run(pad, n[2])}"]
+    assert decoded == [f"{vision_run(pad, n[0])}red {vision_run(pad, n[1])}blue", f"What{vision_run(pad, n[2])}"]
     assert pad_counts(processor, out["input_ids"], pad) == [n[0] + n[1], n[2]]
     for other in {IMAGE_PAD, DET.image_pad, SEG.image_pad, CLIP.image_pad} - {pad}:
         assert pad_counts(processor, out["input_ids"], other) == [0, 0]
@@ -114,10 +105,10 @@ def test_expansion_several_images_and_samples(processor, kind, placeholder, pad,
 
 def test_videos_and_mm_token_type_ids(processor):
     videos = [np.zeros((4, 56, 56, 3), np.uint8), np.zeros((2, 56, 112, 3), np.uint8)]  # grids (2,4,4), (1,4,8)
-    texts = ["<image><video>a", f"{run('<|video_pad|>', 1)}b"]
+    texts = ["<image><video>a", f"{vision_run('<|video_pad|>', 1)}b"]
     out = processor(
         text=texts,
-        images=[make_image()],
+        images=[tiny_image()],
         videos=videos,
         padding=True,
         return_mm_token_type_ids=True,
@@ -130,9 +121,9 @@ def test_videos_and_mm_token_type_ids(processor):
 
 
 def test_dataset_and_chat_styles_give_identical_inputs(processor):
-    images = {"images": [make_image()], "detection_images": [make_image(seed=1)], "seg_images": [make_image(seed=2)]}
+    images = {"images": [tiny_image()], "detection_images": [tiny_image(seed=1)], "seg_images": [tiny_image(seed=2)]}
     dataset = "<image>\nWhat colour?<detection_image><seg_image>"
-    chat = f"{run(IMAGE_PAD, 1)}\nWhat colour?{run(DET.image_pad, 1)}{run(SEG.image_pad, 1)}"
+    chat = f"{vision_run(IMAGE_PAD, 1)}\nWhat colour?{vision_run(DET.image_pad, 1)}{vision_run(SEG.image_pad, 1)}"
     a = processor(text=dataset, **images, return_tensors="pt")
     b = processor(text=chat, **images, return_tensors="pt")
     assert a.keys() == b.keys()
@@ -142,7 +133,7 @@ def test_dataset_and_chat_styles_give_identical_inputs(processor):
 
 def test_nested_images_equal_flat_images(processor):
     texts = ["<image><detection_image>a", "<detection_image><clip_image><detection_image>b"]
-    imgs = [make_image(seed=i) for i in range(6)]
+    imgs = [tiny_image(seed=i) for i in range(6)]
     flat = processor(
         text=texts,
         images=[imgs[0]],
@@ -177,14 +168,14 @@ def test_reencoding_sample_layout(processor):
     ]
     text = processor.apply_chat_template(messages)
     assert text == (
-        f"{SYSTEM}<|im_start|>user\n{run(IMAGE_PAD, 1)}\nWhat is red?\n{REENCODE_TRIGGER}<|im_end|>\n"
+        f"{SYSTEM}<|im_start|>user\n{vision_run(IMAGE_PAD, 1)}\nWhat is red?\n{REENCODE_TRIGGER}<|im_end|>\n"
         f"<|im_start|>assistant\n{DET.action_triple}<|im_end|>\n"
-        f"<|im_start|>user\n{run(DET.image_pad, 1)}<|im_end|>\n<|im_start|>assistant\ncircle<|im_end|>\n"
+        f"<|im_start|>user\n{vision_run(DET.image_pad, 1)}<|im_end|>\n<|im_start|>assistant\ncircle<|im_end|>\n"
     )
-    out = processor(text=[text], images=[make_image()], detection_images=[make_image(seed=1)], return_tensors="pt")
+    out = processor(text=[text], images=[tiny_image()], detection_images=[tiny_image(seed=1)], return_tensors="pt")
     decoded = processor.decode(out["input_ids"][0])
-    assert decoded == text.replace(run(IMAGE_PAD, 1), run(IMAGE_PAD, 4)).replace(
-        run(DET.image_pad, 1), run(DET.image_pad, TINY_DETECTION_IMAGE_SEQLEN)
+    assert decoded == text.replace(vision_run(IMAGE_PAD, 1), vision_run(IMAGE_PAD, 4)).replace(
+        vision_run(DET.image_pad, 1), vision_run(DET.image_pad, TINY_DETECTION_IMAGE_SEQLEN)
     )
     assert set(out) == {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "detection_images"}
     for token in (DET.action_start, DET.action, DET.action_end):
@@ -208,8 +199,9 @@ def test_chat_template_all_part_types(processor):
     ]
     expected = (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
-        f"{run(IMAGE_PAD, 1)}{run('<|video_pad|>', 1)}{run(DET.image_pad, 1)}{run(SEG.image_pad, 1)}"
-        f"{run(CLIP.image_pad, 1)}What?<|im_end|>\n<|im_start|>assistant\n"
+        f"{vision_run(IMAGE_PAD, 1)}{vision_run('<|video_pad|>', 1)}"
+        f"{vision_run(DET.image_pad, 1)}{vision_run(SEG.image_pad, 1)}"
+        f"{vision_run(CLIP.image_pad, 1)}What?<|im_end|>\n<|im_start|>assistant\n"
     )
     assert processor.apply_chat_template(messages, add_generation_prompt=True) == expected
     assert processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == expected
@@ -218,13 +210,14 @@ def test_chat_template_all_part_types(processor):
     )
     assert (
         vision_id
-        == f"{SYSTEM}<|im_start|>user\nPicture 1: {run(IMAGE_PAD, 1)}Picture 2: {run(IMAGE_PAD, 1)}<|im_end|>\n"
+        == f"{SYSTEM}<|im_start|>user\nPicture 1: {vision_run(IMAGE_PAD, 1)}"
+        f"Picture 2: {vision_run(IMAGE_PAD, 1)}<|im_end|>\n"
     )
     assert processor.chat_template == VPT_CHAT_TEMPLATE
 
 
 def test_chat_template_tokenize_collects_typed_images(processor):
-    image, det, seg = make_image(seed=0), make_image(seed=1), make_image(seed=2)
+    image, det, seg = tiny_image(seed=0), tiny_image(seed=1), tiny_image(seed=2)
     messages = [
         {
             "role": "user",
@@ -251,7 +244,7 @@ def test_left_padding(how):
     kwargs = {"padding_side": "left"} if how == "kwarg" else {}
     if how == "tokenizer":
         processor.tokenizer.padding_side = "left"
-    det = [make_image(seed=1), make_image(seed=2)]
+    det = [tiny_image(seed=1), tiny_image(seed=2)]
     out = processor(text=texts, detection_images=det, padding=True, return_tensors="pt", **kwargs)
     mask, ids = out["attention_mask"], out["input_ids"]
     assert mask[0].all() and not mask[1].all()
@@ -262,7 +255,7 @@ def test_left_padding(how):
 
 
 def test_right_padding_is_the_default(processor):
-    out = processor(text=["<seg_image>a long text here", "<seg_image>b"], seg_images=[make_image()] * 2, padding=True)
+    out = processor(text=["<seg_image>a long text here", "<seg_image>b"], seg_images=[tiny_image()] * 2, padding=True)
     assert out["attention_mask"][1][-1] == 0 and out["attention_mask"][1][0] == 1
 
 
@@ -272,13 +265,13 @@ def test_right_padding_is_the_default(processor):
         (["<detection_image>a", "<detection_image>b"], {"detection_images": 1}, r"Sample 1 .*<detection_image>"),
         (["<seg_image>a", "b"], {"seg_images": 2}, r"2 seg input\(s\) given .*<seg_image>.*\[1, 0\]"),
         (["<clip_image>a", "<clip_image>b"], {"clip_images": [1, 0]}, r"Sample 1 has 1 <clip_image> .* 0 clip"),
-        (["a", f"{run(IMAGE_PAD, 1)}b"], {}, r"Sample 1 .*<image>"),
+        (["a", f"{vision_run(IMAGE_PAD, 1)}b"], {}, r"Sample 1 .*<image>"),
         (["<image>a"], {"images": [1, 1]}, r"nested for 2 samples, but there are 1 texts"),
     ],
 )
 def test_count_mismatch_names_sample_and_kind(processor, texts, counts, match):
     """``counts``: an int gives a flat list of that many images, a list gives images nested per sample."""
-    image = make_image()
+    image = tiny_image()
     kwargs = {
         key: [[image] * n for n in count] if isinstance(count, list) else [image] * count
         for key, count in counts.items()
@@ -290,23 +283,23 @@ def test_count_mismatch_names_sample_and_kind(processor, texts, counts, match):
 def test_missing_branch_token_is_an_error():
     processor = build_tiny_processor(tokenizer=build_tiny_tokenizer(vision_encoder_ls=["clip"]))
     with pytest.raises(ValueError, match=r"Sample 0 .*<\|seg_image_pad\|>.*add_vpt_tokens"):
-        processor(text="<seg_image>", seg_images=[make_image()])
+        processor(text="<seg_image>", seg_images=[tiny_image()])
     assert processor.pad_token_id("sam") is None
     assert processor.pad_token_id("clip") == processor.tokenizer.convert_tokens_to_ids(CLIP.image_pad)
 
 
 def test_truncation_that_cuts_pads_is_an_error(processor):
     with pytest.raises(ValueError, match="truncation"):
-        processor(text="hello <seg_image>", seg_images=[make_image()], truncation=True, max_length=8)
+        processor(text="hello <seg_image>", seg_images=[tiny_image()], truncation=True, max_length=8)
 
 
 def test_text_is_required(processor):
     with pytest.raises(ValueError, match="text"):
-        processor(images=[make_image()])
+        processor(images=[tiny_image()])
 
 
 def test_preprocess_extra_images(processor):
-    images = [make_image(seed=1), make_image(80, 40, seed=2)]
+    images = [tiny_image(seed=1), tiny_image(80, 40, seed=2)]
     det = processor.preprocess_extra_images("dino", images)
     assert set(det) == {"detection_images"} and det["detection_images"].shape == (2, 3, 28, 28)
     seg = processor.preprocess_extra_images("seg", images)
@@ -322,13 +315,14 @@ def test_preprocess_extra_images(processor):
 
 def test_expand_placeholders_per_message(processor):
     """How a LLaMA-Factory plugin uses it: one text per message, inputs consumed across messages."""
-    clip = processor.preprocess_extra_images("clip", [make_image(112, 56)])
+    clip = processor.preprocess_extra_images("clip", [tiny_image(112, 56)])
     messages = ["<image>\nWhat?", CLIP.action_triple, "<clip_image>", "red"]
     expanded = processor.expand_placeholders(
         messages, image_grid_thw=[[1, 4, 4]], clip_grid_thw=clip["clip_images_grid_thw"]
     )
-    assert expanded == [f"{run(IMAGE_PAD, 4)}\nWhat?", CLIP.action_triple, run(CLIP.image_pad, 8), "red"]
-    assert processor.expand_placeholders("<seg_image><seg_image>", num_seg_images=2) == [run(SEG.image_pad, 16) * 2]
+    assert expanded == [f"{vision_run(IMAGE_PAD, 4)}\nWhat?", CLIP.action_triple, vision_run(CLIP.image_pad, 8), "red"]
+    seg_twice = processor.expand_placeholders("<seg_image><seg_image>", num_seg_images=2)
+    assert seg_twice == [vision_run(SEG.image_pad, 16) * 2]
 
 
 def test_default_preprocessing_is_the_released_one(processor):
@@ -336,8 +330,8 @@ def test_default_preprocessing_is_the_released_one(processor):
     assert released.detection_image_seqlen == released.seg_image_seqlen == 256
     out = released(
         text="<detection_image><seg_image>",
-        detection_images=[make_image(300, 200)],
-        seg_images=[make_image(300, 200)],
+        detection_images=[tiny_image(300, 200)],
+        seg_images=[tiny_image(300, 200)],
         return_tensors="pt",
     )
     assert out["detection_images"].shape == (1, 3, 224, 224)
@@ -356,10 +350,10 @@ def _all_kinds_inputs(processor):
     texts = ["<image>a<detection_image><clip_image>", "<seg_image>b<image>"]
     return processor(
         text=texts,
-        images=[make_image(seed=0), make_image(112, 56, seed=1)],
-        detection_images=[make_image(seed=2)],
-        seg_images=[make_image(seed=3)],
-        clip_images=[make_image(seed=4)],
+        images=[tiny_image(seed=0), tiny_image(112, 56, seed=1)],
+        detection_images=[tiny_image(seed=2)],
+        seg_images=[tiny_image(seed=3)],
+        clip_images=[tiny_image(seed=4)],
         padding=True,
         return_tensors="pt",
     )

@@ -12,10 +12,8 @@ import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import (
     Qwen2_5_VLProcessor,
     Qwen2VLImageProcessor,
@@ -30,6 +28,7 @@ from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import (
     Qwen2_5_VLVideosProcessorKwargs,
 )
 from transformers.processing_utils import ProcessingKwargs
+from utils import assert_same_outputs, tiny_image, tiny_videos, vision_run
 
 from transformers_vpt.models.qwen2_5_vl_vpt.processing_qwen2_5_vl_vpt import (
     VPT_Qwen2_5_VLProcessor,
@@ -60,8 +59,6 @@ from transformers_vpt.vocabulary import (
     IMAGE_PAD,
     REGION_START,
     VIDEO_PAD,
-    VISION_END,
-    VISION_START,
     add_vpt_tokens,
     literal_text,
     vpt_tokens,
@@ -125,27 +122,6 @@ def qwen2_vl(tokenizer):
     return build_tiny_processor(tokenizer)
 
 
-def make_image(width: int = 56, height: int = 56, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def make_videos() -> list[np.ndarray]:
-    """Two videos: 4 frames of 56x56 -> grid (2, 4, 4), 2 frames of 56x112 -> grid (1, 4, 8)."""
-    rng = np.random.default_rng(7)
-    return [rng.integers(0, 256, (4, 56, 56, 3), dtype=np.uint8), rng.integers(0, 256, (2, 56, 112, 3), dtype=np.uint8)]
-
-
-def run(pad: str, n: int) -> str:
-    return VISION_START + pad * n + VISION_END
-
-
-def assert_same_outputs(a, b) -> None:
-    assert list(a.keys()) == list(b.keys())
-    for key in a:
-        assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
-
-
 # --------------------------------------------------------------------------------------------- the shared layer
 def test_the_class_is_the_shared_layer_on_the_base():
     assert VPT_Qwen2_5_VLProcessor.__mro__[1:3] == (VPTProcessorMixin, Qwen2_5_VLProcessor)
@@ -158,14 +134,14 @@ def test_the_class_is_the_shared_layer_on_the_base():
 def _all_kinds(processor, **kwargs):
     texts = [
         f"<image>\nWhat is {literal_text('<image> <|detection_action|> <|x_3|>')}?<detection_image><clip_image>",
-        f"{run(SEG.image_pad, 1)}b{run(IMAGE_PAD, 1)} {DET.action_triple}",
+        f"{vision_run(SEG.image_pad, 1)}b{vision_run(IMAGE_PAD, 1)} {DET.action_triple}",
     ]
     return processor(
         text=texts,
-        images=[[make_image(seed=0)], [make_image(112, 56, seed=1)]],
-        detection_images=[[make_image(seed=2)], []],
-        seg_images=[make_image(seed=3)],
-        clip_images=[make_image(56, 112, seed=4)],
+        images=[[tiny_image(seed=0)], [tiny_image(112, 56, seed=1)]],
+        detection_images=[[tiny_image(seed=2)], []],
+        seg_images=[tiny_image(seed=3)],
+        clip_images=[tiny_image(56, 112, seed=4)],
         padding=True,
         return_tensors="pt",
         **kwargs,
@@ -190,16 +166,16 @@ def test_the_inputs_themselves(processor):
     first, second = (text.replace("<|endoftext|>", "") for text in processor.batch_decode(out["input_ids"]))
     # the literal span stays text: no image slot, no control token
     assert first == (
-        f"{run(IMAGE_PAD, 4)}\nWhat is <image> <|detection_action|> <|x_3|>?{run(DET.image_pad, 4)}"
-        f"{run(CLIP.image_pad, 8)}"
+        f"{vision_run(IMAGE_PAD, 4)}\nWhat is <image> <|detection_action|> <|x_3|>?{vision_run(DET.image_pad, 4)}"
+        f"{vision_run(CLIP.image_pad, 8)}"
     )
-    assert second == f"{run(SEG.image_pad, 16)}b{run(IMAGE_PAD, 8)} {DET.action_triple}"
+    assert second == f"{vision_run(SEG.image_pad, 16)}b{vision_run(IMAGE_PAD, 8)} {DET.action_triple}"
     action = processor.tokenizer.convert_tokens_to_ids(DET.action)
     assert (out["input_ids"] == action).sum(1).tolist() == [0, 1]
 
 
 def test_same_chat_template_and_typed_parts(processor, qwen2_vl):
-    image, det, clip = make_image(seed=0), make_image(seed=1), make_image(seed=2)
+    image, det, clip = tiny_image(seed=0), tiny_image(seed=1), tiny_image(seed=2)
     messages = [
         {
             "role": "user",
@@ -228,16 +204,16 @@ def test_same_expansion_helpers(processor, qwen2_vl):
     texts = ["<image>a<video>", "<clip_image><seg_image><detection_image>"]
     expected = qwen2_vl.expand_placeholders(texts, **grids, num_detection_images=1, num_seg_images=1)
     assert processor.expand_placeholders(texts, **grids, num_detection_images=1, num_seg_images=1) == expected
-    assert expected[1] == run(CLIP.image_pad, 8) + run(SEG.image_pad, 16) + run(DET.image_pad, 4)
+    assert expected[1] == vision_run(CLIP.image_pad, 8) + vision_run(SEG.image_pad, 16) + vision_run(DET.image_pad, 4)
     for kind, grid in (("image", [1, 4, 8]), ("video", (2, 4, 4)), ("dino", None), ("sam", None)):
         assert processor.num_image_tokens(kind, grid) == qwen2_vl.num_image_tokens(kind, grid)
-    images = [make_image(seed=1), make_image(80, 40, seed=2)]
+    images = [tiny_image(seed=1), tiny_image(80, 40, seed=2)]
     for kind in ("detection", "seg", "clip"):
         reference = qwen2_vl.preprocess_extra_images(kind, images)
         assert_same_outputs(processor.preprocess_extra_images(kind, images), reference)
 
 
-IMAGE = make_image()
+IMAGE = tiny_image()
 
 
 @pytest.mark.parametrize(
@@ -259,10 +235,10 @@ def test_same_errors(processor, qwen2_vl, texts, kwargs, match):
 def test_videos_come_out_as_qwen2_5_vl_gives_them(processor, fps):
     """Images and videos: every output of the stock Qwen2_5_VLProcessor, second_per_grid_ts included, identical."""
     stock = Qwen2_5_VLProcessor(processor.image_processor, processor.tokenizer, processor.video_processor)
-    texts = [f"{run(IMAGE_PAD, 1)}{run(VIDEO_PAD, 1)}a", f"{run(VIDEO_PAD, 1)}b"]
+    texts = [f"{vision_run(IMAGE_PAD, 1)}{vision_run(VIDEO_PAD, 1)}a", f"{vision_run(VIDEO_PAD, 1)}b"]
     kwargs = {
-        "images": [make_image()],
-        "videos": make_videos(),
+        "images": [tiny_image()],
+        "videos": tiny_videos(),
         "padding": True,
         "return_mm_token_type_ids": True,
         "return_tensors": "pt",
@@ -280,9 +256,9 @@ def test_videos_with_vpt_inputs_and_dataset_placeholders(processor, qwen2_vl):
     """The VPT inputs only add their own keys; the Qwen2-VL VPT processor has no second_per_grid_ts."""
     texts = ["<video><detection_image>a", "<video><clip_image>b"]
     kwargs = {
-        "videos": make_videos(),
-        "detection_images": [make_image(seed=1)],
-        "clip_images": [make_image(seed=2)],
+        "videos": tiny_videos(),
+        "detection_images": [tiny_image(seed=1)],
+        "clip_images": [tiny_image(seed=2)],
         "padding": True,
         "fps": [2.0, 0.5],
         "return_tensors": "pt",
@@ -299,8 +275,8 @@ def test_videos_with_vpt_inputs_and_dataset_placeholders(processor, qwen2_vl):
 def test_qwen2_vl_videos_come_out_as_qwen2_vl_gives_them(qwen2_vl):
     """The same shared video path on the other base: the stock Qwen2VLProcessor's outputs, nothing added."""
     stock = Qwen2VLProcessor(qwen2_vl.image_processor, qwen2_vl.tokenizer, qwen2_vl.video_processor)
-    texts = [f"{run(IMAGE_PAD, 1)}{run(VIDEO_PAD, 1)}a", f"{run(VIDEO_PAD, 1)}b"]
-    kwargs = {"images": [make_image()], "videos": make_videos(), "padding": True, "return_tensors": "pt"}
+    texts = [f"{vision_run(IMAGE_PAD, 1)}{vision_run(VIDEO_PAD, 1)}a", f"{vision_run(VIDEO_PAD, 1)}b"]
+    kwargs = {"images": [tiny_image()], "videos": tiny_videos(), "padding": True, "return_tensors": "pt"}
     assert_same_outputs(qwen2_vl(text=texts, **kwargs), stock(text=texts, **kwargs))
 
 
@@ -320,7 +296,7 @@ def test_kwargs_are_typed_like_qwen2_5_vl(processor, monkeypatch):
     used = []
     merge = processor._merge_kwargs
     monkeypatch.setattr(processor, "_merge_kwargs", lambda cls, **kw: used.append(cls) or merge(cls, **kw))
-    processor(text=["<image>hi"], images=[make_image()])
+    processor(text=["<image>hi"], images=[tiny_image()])
     assert used == [VPT_Qwen2_5_VLProcessorKwargs]
 
 
@@ -346,8 +322,8 @@ def test_save_load_round_trip(processor, tmp_path):
     assert loaded.seg_processor.to_dict() == processor.seg_processor.to_dict()
     assert_same_outputs(_all_kinds(loaded), _all_kinds(processor))
     texts = ["<video>a", "<video>b"]
-    assert_same_outputs(loaded(text=texts, videos=make_videos(), padding=True, return_tensors="pt"),
-                        processor(text=texts, videos=make_videos(), padding=True, return_tensors="pt"))
+    assert_same_outputs(loaded(text=texts, videos=tiny_videos(), padding=True, return_tensors="pt"),
+                        processor(text=texts, videos=tiny_videos(), padding=True, return_tensors="pt"))
 
 
 # ---------------------------------------------------------------------------------------------- the vocabulary
@@ -373,7 +349,7 @@ def test_add_vpt_tokens_on_a_tiny_qwen2_5_vl_tokenizer(qwen2_vl):
     assert tokenizer.convert_tokens_to_ids(special[0]) == first_extra + 8
     processor = build_tiny_qwen2_5_vl_processor(tokenizer)
     texts = ["<detection_image>a<seg_image><clip_image>", DET.action_triple + "<|x_3|>"]
-    kwargs = {"detection_images": [make_image()], "seg_images": [make_image()], "clip_images": [make_image()]}
+    kwargs = {"detection_images": [tiny_image()], "seg_images": [tiny_image()], "clip_images": [tiny_image()]}
     ours, reference = processor(text=texts, **kwargs), qwen2_vl(text=texts, **kwargs)
     assert processor.batch_decode(ours["input_ids"]) == qwen2_vl.batch_decode(reference["input_ids"])
     triple = (DET.action_start, DET.action, DET.action_end)

@@ -11,11 +11,10 @@ from __future__ import annotations
 import copy
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoProcessor, Qwen3VLProcessor
+from utils import assert_same_outputs, tiny_image, tiny_videos, vision_run
 
 from transformers_vpt.models.qwen3_vl_vpt.processing_qwen3_vl_vpt import (
     VPT_QWEN3_VL_CHAT_TEMPLATE,
@@ -52,27 +51,6 @@ def stock(processor) -> Qwen3VLProcessor:
     )
 
 
-def make_image(width: int = 56, height: int = 56, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def make_videos() -> list[np.ndarray]:
-    """Two videos: 4 frames of 56x56 -> grid (2, 4, 4), 2 frames of 56x112 -> grid (1, 4, 8)."""
-    rng = np.random.default_rng(7)
-    return [rng.integers(0, 256, (4, 56, 56, 3), dtype=np.uint8), rng.integers(0, 256, (2, 56, 112, 3), dtype=np.uint8)]
-
-
-def run(pad: str, n: int) -> str:
-    return VISION_START + pad * n + VISION_END
-
-
-def assert_same_outputs(a, b) -> None:
-    assert sorted(a.keys()) == sorted(b.keys())
-    for key in a:
-        assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
-
-
 def test_the_class_is_the_shared_layer_on_the_base():
     assert VPT_Qwen3VLProcessor.__mro__[1:3] == (VPTProcessorMixin, Qwen3VLProcessor)
     assert VPT_Qwen3VLProcessor.valid_processor_kwargs is VPT_Qwen3VLProcessorKwargs
@@ -83,14 +61,14 @@ def test_the_class_is_the_shared_layer_on_the_base():
 def _all_kinds(processor, **kwargs):
     texts = [
         f"<image>\nWhat is {literal_text('<image> <|detection_action|>')}?<detection_image><clip_image>",
-        f"{run(SEG.image_pad, 1)}b{run(IMAGE_PAD, 1)} {DET.action_triple}",
+        f"{vision_run(SEG.image_pad, 1)}b{vision_run(IMAGE_PAD, 1)} {DET.action_triple}",
     ]
     return processor(
         text=texts,
-        images=[[make_image(seed=0)], [make_image(112, 56, seed=1)]],
-        detection_images=[[make_image(seed=2)], []],
-        seg_images=[make_image(seed=3)],
-        clip_images=[make_image(56, 112, seed=4)],
+        images=[[tiny_image(seed=0)], [tiny_image(112, 56, seed=1)]],
+        detection_images=[[tiny_image(seed=2)], []],
+        seg_images=[tiny_image(seed=3)],
+        clip_images=[tiny_image(56, 112, seed=4)],
         padding=True,
         return_tensors="pt",
         **kwargs,
@@ -100,7 +78,8 @@ def _all_kinds(processor, **kwargs):
 @pytest.mark.parametrize("kwargs", [{}, {"padding_side": "left", "return_mm_token_type_ids": True}])
 def test_images_and_vpt_kinds_as_the_qwen2_vl_processor(processor, tokenizer, kwargs):
     qwen2_vl = build_tiny_processor(tokenizer)
-    assert_same_outputs(_all_kinds(processor, **copy.deepcopy(kwargs)), _all_kinds(qwen2_vl, **copy.deepcopy(kwargs)))
+    ours, theirs = _all_kinds(processor, **copy.deepcopy(kwargs)), _all_kinds(qwen2_vl, **copy.deepcopy(kwargs))
+    assert_same_outputs(ours, theirs, ordered_keys=False)
 
 
 @pytest.mark.parametrize(
@@ -114,15 +93,15 @@ def test_images_and_vpt_kinds_as_the_qwen2_vl_processor(processor, tokenizer, kw
         ]},
     ],
 )
-@pytest.mark.parametrize("spelling", ["<video>", run(VIDEO_PAD, 1), VIDEO_PAD])
+@pytest.mark.parametrize("spelling", ["<video>", vision_run(VIDEO_PAD, 1), VIDEO_PAD])
 def test_videos_exactly_as_stock_qwen3_vl(processor, stock, kwargs, spelling):
-    videos = make_videos()
+    videos = tiny_videos()
     ours = processor(
-        text=[f"{spelling}Describe.<clip_image>", f"A {spelling} B"], videos=videos, clip_images=[make_image()],
+        text=[f"{spelling}Describe.<clip_image>", f"A {spelling} B"], videos=videos, clip_images=[tiny_image()],
         padding=True, return_tensors="pt", **copy.deepcopy(kwargs),
     )
     theirs = stock(
-        text=[f"{run(VIDEO_PAD, 1)}Describe.{run(CLIP.image_pad, 4)}", f"A {VIDEO_PAD} B"], videos=videos,
+        text=[f"{vision_run(VIDEO_PAD, 1)}Describe.{vision_run(CLIP.image_pad, 4)}", f"A {VIDEO_PAD} B"], videos=videos,
         padding=True, return_tensors="pt", **copy.deepcopy(kwargs),
     )
     for key in ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw"):
@@ -136,7 +115,7 @@ def test_videos_exactly_as_stock_qwen3_vl(processor, stock, kwargs, spelling):
 
 def test_video_placeholder_counts_are_checked(processor):
     with pytest.raises(ValueError, match="Sample 0 has 2 <video> placeholder"):
-        processor(text=["<video><video>"], videos=make_videos()[:1])
+        processor(text=["<video><video>"], videos=tiny_videos()[:1])
 
 
 def test_chat_template_is_qwen3_vl_with_the_vpt_parts(processor):
@@ -148,7 +127,7 @@ def test_chat_template_is_qwen3_vl_with_the_vpt_parts(processor):
     text = processor.apply_chat_template(conversation, add_generation_prompt=False)
     # no default system turn, unlike Qwen2-VL's template
     assert text == (
-        f"<|im_start|>user\n{run(IMAGE_PAD, 1)}Q{run(CLIP.image_pad, 1)}<|im_end|>\n"
+        f"<|im_start|>user\n{vision_run(IMAGE_PAD, 1)}Q{vision_run(CLIP.image_pad, 1)}<|im_end|>\n"
         "<|im_start|>assistant\nA<|im_end|>\n"
     )
     with_system = [{"role": "system", "content": "S"}, *conversation]
@@ -160,11 +139,12 @@ def test_save_and_load(processor, tmp_path):
     loaded = AutoProcessor.from_pretrained(tmp_path)
     assert type(loaded) is VPT_Qwen3VLProcessor and loaded.chat_template == processor.chat_template
     assert type(loaded.video_processor) is type(processor.video_processor)
-    assert_same_outputs(_all_kinds(loaded), _all_kinds(processor))
-    videos = make_videos()
+    assert_same_outputs(_all_kinds(loaded), _all_kinds(processor), ordered_keys=False)
+    videos = tiny_videos()
     assert_same_outputs(
         loaded(text=["<video>", "x<video>"], videos=videos, padding=True, return_tensors="pt"),
         processor(text=["<video>", "x<video>"], videos=videos, padding=True, return_tensors="pt"),
+        ordered_keys=False,
     )
 
 

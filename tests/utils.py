@@ -29,6 +29,8 @@ from transformers_vpt.tiny.tokenizer import TINY_BPE_VOCAB_SIZE
 from transformers_vpt.vocabulary import BRANCH_TOKENS, REENCODE_TRIGGER, REGION_TRIGGER
 from transformers_vpt.vocabulary import IM_END as IM_END_TEXT
 from transformers_vpt.vocabulary import IM_START as IM_START_TEXT
+from transformers_vpt.vocabulary import VISION_END as VISION_END_TEXT
+from transformers_vpt.vocabulary import VISION_START as VISION_START_TEXT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -246,6 +248,30 @@ class Scripted(LogitsProcessor):
             else:
                 out[row, self.tokenizer.eos_token_id] = 0.0
         return out
+
+
+def tiny_image(width: int = 56, height: int = 56, seed: int = 0) -> Image.Image:
+    """A random RGB image at the tiny processors' sizes (56 px: a (1, 4, 4) grid)."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def tiny_videos() -> list[np.ndarray]:
+    """Two videos: 4 frames of 56x56 -> grid (2, 4, 4), 2 frames of 56x112 -> grid (1, 4, 8)."""
+    rng = np.random.default_rng(7)
+    return [rng.integers(0, 256, (4, 56, 56, 3), dtype=np.uint8), rng.integers(0, 256, (2, 56, 112, 3), dtype=np.uint8)]
+
+
+def vision_run(pad: str, n: int) -> str:
+    """``<|vision_start|>`` + ``n`` pads + ``<|vision_end|>``, as text."""
+    return VISION_START_TEXT + pad * n + VISION_END_TEXT
+
+
+def assert_same_outputs(a, b, ordered_keys: bool = True) -> None:
+    """Two processor outputs hold the same keys (in the same order unless ``ordered_keys`` is False), equal values."""
+    assert (list(a.keys()) == list(b.keys())) if ordered_keys else (sorted(a.keys()) == sorted(b.keys()))
+    for key in a:
+        assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
 
 
 def make_image(seed=0, size=(640, 480)) -> Image.Image:
