@@ -52,6 +52,19 @@ the warm-up, decode steps only, as ``decode_tokens_per_s``), ``ratio`` (compiled
 dynamo compiled in the scenario), ``tokens_equal`` (every compiled run generated the eager run's tokens) and
 ``action_taken``. These entries join the ``--out`` list with ``"figure": "compiled_decode"``.
 
+``--sections eval`` measures the evaluation's throughput (`transformers_vpt.evaluation`) for one and several
+processes: the demo's tiny VPT model of ``--base`` (`transformers_vpt.tiny.sources.make_tiny` seeded with ``--seed``,
+as ``scripts/demo_model.py`` builds it) answers the three synthetic test splits (``--eval-records`` scenes each,
+`transformers_vpt.tiny.synthetic`) with the demo's evaluation settings (greedy, 16 new tokens, batch 16, float32),
+once per entry of ``--eval-processes``: ``python evaluation/evaluation.py`` for 1, ``torchrun --standalone
+--nproc-per-node N evaluation/evaluation.py`` for N > 1, each process with ``--threads`` threads (default: the
+machine's cores divided by N; on CUDA every rank takes its own device and N is at most the device count). Per run it
+reports ``wall_s`` (the whole command: start-up, model loading, merge, scoring and reports included) and
+``records_per_s`` over it, ``answer_s`` (the longest rank's answering time, from the evaluation log's "Answered N
+records ... in S s" lines: model loading excluded) and ``answer_records_per_s`` over it, ``speedup`` (answer
+throughput over the first run's) and ``answers_equal`` (every answers.jsonl equals the first run's, byte for byte).
+These entries join the ``--out`` list with ``"figure": "eval_throughput"``.
+
 Bases (``--base``): those of `transformers_vpt.models.bases` (``qwen2_vl``, the default, ``qwen2_5_vl`` and
 ``qwen3_vl``; on Qwen3-VL both sides add the DeepStack features after the first decoder layers). Sizes: ``tiny``
 (default; the tiny test configs of the base, CPU) or a real size of the base (``2b`` / ``7b`` for Qwen2-VL, ``3b`` /
@@ -70,7 +83,12 @@ import json
 import logging
 import os
 import platform
+import re
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,6 +131,8 @@ from transformers_vpt.tiny.processor import (
     TINY_DETECTION_PROCESSOR_CONFIG,
     TINY_SEG_PROCESSOR_CONFIG,
 )
+from transformers_vpt.tiny.sources import make_tiny
+from transformers_vpt.tiny.synthetic import generate as generate_synthetic
 from transformers_vpt.tiny.tokenizer import QWEN2_VL_SPECIAL_TOKENS
 from transformers_vpt.vocabulary import (
     BRANCH_KINDS,
@@ -131,7 +151,8 @@ from transformers_vpt.vocabulary import (
 
 logger = logging.getLogger("bench")
 
-MODELS = Path(__file__).resolve().parents[1] / "configs" / "models"
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "configs" / "models"
 VARIANTS = ("region", "dino", "sam", "clip")
 UPSTREAM = "upstream-design"
 # figure -> (comparison, target ratio VPT / plain)
@@ -144,13 +165,21 @@ FIGURES = {
 QWEN2_VL_FIRST_SPECIAL_ID = 151643  # <|endoftext|>; Qwen2-VL's 14 special tokens (Qwen2.5-VL's too), then VPT's
 QUESTION_TOKENS = 32
 FORCED_STEP = 1  # the action start is the second generated token
-SECTIONS = ("compare", "compile")
+SECTIONS = ("compare", "compile", "eval")
 COMPILE_FIGURE = "compiled_decode"
 COMPILE_SCENARIOS = {"text": False, "action": True}  # scenario -> whether the action start is forced
 # the fields of a compile entry, in the JSON report
 COMPILE_FIELDS = ("figure", "variant", "scenario", "backend", "new_tokens", "eager_ms_per_token",
                   "compiled_ms_per_token", "ratio", "first_call_s", "warm_call_s", "compile_s", "graphs",
                   "tokens_equal", "action_taken")
+
+
+EVAL_FIGURE = "eval_throughput"
+# the fields of an eval entry, in the JSON report
+EVAL_FIELDS = ("figure", "processes", "threads", "device", "records", "wall_s", "records_per_s", "answer_s",
+               "answer_records_per_s", "speedup", "answers_equal")
+EVAL_SETTINGS = ("--greedy", "--max-new-tokens", "16", "--batch-size", "16", "--dtype", "float32")  # configs/demo
+ANSWERED_LINE = re.compile(r"(?:\[rank (\d+) of \d+\]: )?Answered (\d+) records of \S+ in ([0-9.]+) s")
 
 
 # -------------------------------------------------------------------------------------------------- the upstream design
@@ -749,6 +778,87 @@ def bench_compile(args, vocab: dict[str, int], device: torch.device, dtype: torc
     return entries
 
 
+def eval_inputs(args, root: Path) -> tuple[Path, Path]:
+    """The demo's tiny VPT model of ``--base`` (seeded as scripts/demo_model.py seeds it) and the synthetic test
+    splits (``--eval-records`` scenes each) under ``root``: (model directory, data directory)."""
+    torch.manual_seed(args.seed)
+    model = make_tiny(root / "demo", data=False, base=args.base)["model"]
+    generate_synthetic(root / "data", train_size=0, alignment_size=0, test_size=args.eval_records, seed=args.seed)
+    return model, root / "data"
+
+
+def eval_command(processes: int, model: Path, data: Path, out: Path, device: str) -> list[str]:
+    """The documented command: ``python evaluation/evaluation.py`` for one process, ``torchrun`` for more."""
+    script = str(ROOT / "evaluation" / "evaluation.py")
+    if processes == 1:
+        launcher = [sys.executable, script]
+    else:
+        torchrun = Path(sys.executable).with_name("torchrun")
+        launcher = [str(torchrun if torchrun.exists() else shutil.which("torchrun") or "torchrun"), "--standalone",
+                    "--nproc-per-node", str(processes), script]
+    return [*launcher, "--model", f"vpt={model}", "--data-dir", str(data), "--output-dir", str(out),
+            "--device", device, *EVAL_SETTINGS]
+
+
+def answer_times(log: str) -> tuple[int, float]:
+    """Records answered and the longest rank's answering seconds, from an evaluation log's "Answered" lines."""
+    records, seconds = 0, {}
+    for rank, count, spent in ANSWERED_LINE.findall(log):
+        records += int(count)
+        seconds[rank] = seconds.get(rank, 0.0) + float(spent)
+    return records, max(seconds.values(), default=0.0)
+
+
+def answer_files(out: Path) -> dict[str, str]:
+    """Every answers.jsonl under ``out`` (model/dataset -> text)."""
+    paths = sorted(out.glob("*/*/answers.jsonl"))
+    return {str(path.parent.relative_to(out)): path.read_text(encoding="utf-8") for path in paths}
+
+
+def bench_eval(args, device: torch.device) -> list[dict]:
+    """One `EVAL_FIELDS` entry per ``--eval-processes`` value (see the module docstring)."""
+    root = Path(args.eval_dir) if args.eval_dir else Path(tempfile.mkdtemp(prefix="vpt-bench-eval-"))
+    try:
+        model, data = eval_inputs(args, root)
+        entries, first = [], None
+        for processes in args.eval_processes:
+            if device.type == "cuda" and processes > torch.cuda.device_count():
+                logger.warning(f"eval: skipping {processes} processes: {torch.cuda.device_count()} CUDA device(s)")
+                continue
+            threads = args.threads or max(1, (os.cpu_count() or 1) // processes)
+            out = root / f"eval-{processes}"
+            shutil.rmtree(out, ignore_errors=True)
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
+                   "TOKENIZERS_PARALLELISM": "false"}
+            env.pop("VPT_DEBUG", None)
+            command = eval_command(processes, model, data, out, device.type)
+            logger.info(f"eval: {processes} process(es), {threads} thread(s) each: {' '.join(command)}")
+            start = time.perf_counter()
+            done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+            wall_s = time.perf_counter() - start
+            if done.returncode != 0:
+                raise RuntimeError(f"eval with {processes} process(es) failed (exit {done.returncode}): "
+                                   + (done.stderr.strip().splitlines() or ["no output"])[-1])
+            records, answer_s = answer_times((out / "evaluation.log").read_text(encoding="utf-8"))
+            answers = answer_files(out)
+            entry = dict(figure=EVAL_FIGURE, processes=processes, threads=threads, device=device.type, records=records,
+                         wall_s=wall_s, records_per_s=records / wall_s, answer_s=answer_s,
+                         answer_records_per_s=records / answer_s if answer_s else 0.0, speedup=1.0,
+                         answers_equal=True)
+            if first is None:
+                first = entry, answers
+            else:
+                entry["speedup"] = entry["answer_records_per_s"] / first[0]["answer_records_per_s"]
+                entry["answers_equal"] = answers == first[1]
+                if not entry["answers_equal"]:
+                    logger.warning(f"eval: {processes} processes answered otherwise than {first[0]['processes']}")
+            entries.append(entry)
+        return entries
+    finally:
+        if not args.eval_dir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------------------------------- reporting
 def machine_description(device: torch.device, dtype: torch.dtype) -> str:
     cpuinfo = Path("/proc/cpuinfo")
@@ -792,6 +902,20 @@ def format_compile_table(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_eval_table(entries: list[dict]) -> str:
+    lines = [f"{'processes':>9}{'threads':>9}{'device':>8}{'records':>9}{'wall s':>9}{'records/s':>11}"
+             f"{'answer s':>10}{'answer rec/s':>14}{'speedup':>9}  answers equal",
+             "-" * 103]
+    for e in entries:
+        lines.append(f"{e['processes']:>9}{e['threads']:>9}{e['device']:>8}{e['records']:>9}{e['wall_s']:>9.2f}"
+                     f"{e['records_per_s']:>11.3g}{e['answer_s']:>10.2f}{e['answer_records_per_s']:>14.3g}"
+                     f"{e['speedup']:>9.2f}  {'yes' if e['answers_equal'] else 'NO'}")
+    lines.append("(evaluation of the demo's tiny VPT model on the synthetic test splits, greedy; wall: the whole "
+                 "command, start-up and model loading included; answer: the longest rank's answering time; speedup = "
+                 "answer records/s over the first row's; answers equal: answers.jsonl byte for byte)")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -817,13 +941,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default: dino)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=["compare"],
                         help="what to measure: compare (VPT / plain / upstream design, the table of figures), compile "
-                             "(static-cache decoding eager against compiled) (default: compare)")
+                             "(static-cache decoding eager against compiled), eval (evaluation records per second "
+                             "for --eval-processes processes) (default: compare)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of the compile section (default: inductor; eager traces the "
                              "graph without generating code, for tests)")
     parser.add_argument("--compile-variant", choices=VARIANTS[1:], default="dino",
                         help="variant whose VPT model the compile section decodes, with and without its action "
                              "(default: dino)")
+    parser.add_argument("--eval-processes", type=int, nargs="+", default=[1, 2], metavar="N",
+                        help="process counts of the eval section, the first one the speed-up's reference "
+                             "(default: 1 2)")
+    parser.add_argument("--eval-records", type=int, default=16, metavar="K",
+                        help="scenes per synthetic test split in the eval section, three splits (default: 16)")
+    parser.add_argument("--eval-dir", type=Path,
+                        help="keep the eval section's model, data and outputs here (default: a temporary folder)")
     parser.add_argument("--seq-len", type=int, help="training sequence length (default: 256 tiny, 1024 real sizes)")
     parser.add_argument("--batch-size", type=int, default=1, help="rows per batch (default: 1)")
     parser.add_argument("--image-size", type=int,
@@ -857,6 +989,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--upstream-variant must be one of --variants")
     if args.repeats < 1 or args.warmup < 0 or args.batch_size < 1:
         parser.error("--repeats and --batch-size must be >= 1, --warmup >= 0")
+    if args.eval_records < 1 or min(args.eval_processes) < 1:
+        parser.error("--eval-records and every --eval-processes value must be >= 1")
     return args
 
 
@@ -875,7 +1009,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"para-mask-ratio {args.para_mask_ratio}, {args.warmup} warm-up + {args.repeats} repeats (medians), "
           f"sections {' '.join(args.sections)}"
           + (f", compile: {args.compile_variant} model, backend {args.compile_backend}, mode "
-             f"{compile_mode(args.compile_backend)}, fullgraph, static shapes" if "compile" in args.sections else ""))
+             f"{compile_mode(args.compile_backend)}, fullgraph, static shapes" if "compile" in args.sections else "")
+          + (f", eval: demo tiny model, {args.eval_records} scenes x 3 splits, processes "
+             f"{' '.join(map(str, args.eval_processes))}" if "eval" in args.sections else ""))
     entries = []
     if "compare" in args.sections:
         with tqdm(total=len(args.variants) * (len(FIGURES) + 1), desc="measurements", disable=None) as progress:
@@ -887,6 +1023,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         compiled = bench_compile(args, vocab, device, dtype)
         print(format_compile_table(compiled))
         entries += compiled
+    if "eval" in args.sections:
+        evaluated = bench_eval(args, device)
+        print(format_eval_table(evaluated))
+        entries += evaluated
     if args.out:
         write_json(args.out, entries)
     return entries

@@ -200,3 +200,33 @@ def test_compile_section_reports_other_tokens(monkeypatch):
     entries = bench.bench_compile(args, bench.vocabulary("tiny"), CPU, torch.float32)
     assert [entry["tokens_equal"] for entry in entries] == [False, False]
     assert "NO" in bench.format_compile_table(entries)
+
+
+def test_eval_section_reports_records_per_second(tmp_path, capsys):
+    """The eval section on the demo's tiny model, one process (a real `python evaluation/evaluation.py` run on 2
+    scenes x 3 splits): an entry with every field, the records of the three splits, the table."""
+    out = tmp_path / "bench.json"
+    entries = bench.main(["--sections", "eval", "--eval-processes", "1", "--eval-records", "2", "--threads", "1",
+                          "--eval-dir", str(tmp_path / "eval"), "--out", str(out)])
+    assert json.loads(out.read_text()) == entries
+    [entry] = entries
+    assert tuple(entry) == bench.EVAL_FIELDS
+    assert (entry["figure"], entry["processes"], entry["threads"], entry["records"]) == (bench.EVAL_FIGURE, 1, 1, 6)
+    assert entry["wall_s"] > entry["answer_s"] > 0 and entry["records_per_s"] == pytest.approx(6 / entry["wall_s"])
+    assert entry["answer_records_per_s"] == pytest.approx(6 / entry["answer_s"])
+    assert (entry["speedup"], entry["answers_equal"]) == (1.0, True)
+    assert len(list((tmp_path / "eval/eval-1/vpt").glob("*/answers.jsonl"))) == 3
+    printed = capsys.readouterr().out
+    assert "eval: demo tiny model, 2 scenes x 3 splits, processes 1" in printed and "answer rec/s" in printed
+
+
+def test_eval_section_commands_and_log_reading():
+    """N > 1 processes run the documented command under torchrun; the answering time is the slowest rank's."""
+    command = bench.eval_command(2, bench.Path("m"), bench.Path("d"), bench.Path("o"), "cpu")
+    assert command[1:5] == ["--standalone", "--nproc-per-node", "2", str(bench.ROOT / "evaluation/evaluation.py")]
+    assert bench.Path(command[0]).name == "torchrun" and "--greedy" in command
+    log = ("t INFO transformers_vpt.evaluation [rank 0 of 2]: Answered 5 records of vpt in 1.500 s (3.33 records/s)\n"
+           "t INFO transformers_vpt.evaluation [rank 1 of 2]: Answered 4 records of vpt in 2.000 s (2 records/s)\n"
+           "t INFO transformers_vpt.evaluation [rank 0 of 2]: Answered 1 records of base in 1.000 s (1 records/s)\n")
+    assert bench.answer_times(log) == (10, 2.5)
+    assert bench.answer_times("x INFO transformers_vpt.evaluation: Answered 3 records of vpt in 0.250 s") == (3, 0.25)

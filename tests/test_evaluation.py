@@ -4,6 +4,7 @@ region-token accuracy, the reports and the CLI."""
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import shutil
@@ -28,11 +29,11 @@ from utils import (
     scripted,
 )
 
-from evaluation import evaluation as ev
-from evaluation.datasets import RELEASED_TEST_SETS, prompt_for_mode
-from evaluation.metrics import score_dataset
-from evaluation.scoring import PRIMARY_METRIC, family_of
-from evaluation.storage import AnswerLog
+from transformers_vpt.evaluation import evaluation as ev
+from transformers_vpt.evaluation.datasets import RELEASED_TEST_SETS, prompt_for_mode
+from transformers_vpt.evaluation.metrics import score_dataset
+from transformers_vpt.evaluation.scoring import PRIMARY_METRIC, family_of
+from transformers_vpt.evaluation.storage import AnswerLog
 from transformers_vpt.pipeline import VPTPipeline
 from transformers_vpt.regions import box_to_region_text
 from transformers_vpt.tiny import synthetic as synth
@@ -536,8 +537,48 @@ def test_yaml_config(tmp_path):
         ev.parse_config(["--config", str(path)])
 
 
-def test_script_help():
+def test_script_help(tmp_path):
+    """`python evaluation/evaluation.py` works from any folder: the thin entry calls the installed package."""
     done = subprocess.run(
-        [sys.executable, "evaluation/evaluation.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, str(ROOT / "evaluation/evaluation.py"), "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
     )
+    assert done.stdout.startswith("usage: evaluation.py ")
     assert "--judge-base-url" in done.stdout and "answers.jsonl" in done.stdout and "POPE_action_test" in done.stdout
+    assert "torchrun --nproc-per-node" in done.stdout
+
+
+def test_installed_command_help(tmp_path):
+    """`vpt-eval` is the installed console script of `transformers_vpt.evaluation.evaluation:main`; the library is
+    `transformers_vpt.evaluation` and nothing installs a top-level `evaluation`."""
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "vpt-eval"), "--help"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: vpt-eval ") and "--judge-base-url" in done.stdout
+    probe = (  # outside the repository (pytest puts it on sys.path): what the installation provides
+        "import importlib.metadata as m, importlib.util as u; print(u.find_spec('evaluation'), "
+        "[p.value for p in m.entry_points(group='console_scripts') if p.name == 'vpt-eval'])"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["None", "['transformers_vpt.evaluation.evaluation:main']"]
+    assert Path(ev.__file__) == ROOT / "transformers_vpt/evaluation/evaluation.py"
+
+
+def test_no_script_edits_sys_path():
+    """Scripts are thin command lines over installed modules (DevNote): none of evaluation/ or scripts/ touches
+    ``sys.path``, and evaluation/ holds only the command's entry and its example config."""
+    offenders = []
+    for path in sorted([*(ROOT / "evaluation").glob("*.py"), *(ROOT / "scripts").glob("*.py")]):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", "") == "sys":
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == []
+    assert sorted(p.name for p in (ROOT / "evaluation").iterdir() if p.name != "__pycache__") == [
+        "evaluation.py",
+        "evaluation.yaml",
+    ]

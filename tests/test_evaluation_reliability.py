@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 from utils import ROOT, FakeOpenAI, action_record, draw, load, read_jsonl, scripted
 
-from evaluation import evaluation as ev
-from evaluation.datasets import BrokenRecord, make_item, prepare_items
-from evaluation.storage import OutputDirError, exclusive_run, output_path
+from transformers_vpt.evaluation import evaluation as ev
+from transformers_vpt.evaluation.datasets import BrokenRecord, make_item, prepare_items
+from transformers_vpt.evaluation.storage import OutputDirError, exclusive_run, output_path
 from transformers_vpt.pipeline import VPTPipeline
 
 DATASET = "POPE_action_test"

@@ -6,7 +6,7 @@ import time
 import pytest
 from utils import FakeOpenAI
 
-from evaluation.judge import TEMPLATE_QUIRK, JudgeClient, build_prompt, extract_score
+from transformers_vpt.evaluation.judge import TEMPLATE_QUIRK, JudgeClient, build_prompt, extract_score
 
 
 @pytest.fixture

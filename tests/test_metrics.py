@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from evaluation.metrics import (
+from transformers_vpt.evaluation.metrics import (
     anls,
     bleu4,
     cider_d,

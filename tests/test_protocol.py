@@ -32,8 +32,8 @@ from utils import (
     scripted_kwargs,
 )
 
-from evaluation import evaluation as ev
-from evaluation.scoring import region_hit
+from transformers_vpt.evaluation import evaluation as ev
+from transformers_vpt.evaluation.scoring import region_hit
 from transformers_vpt.pipeline import PROTOCOLS, route
 from transformers_vpt.regions import (
     RegionSpan,

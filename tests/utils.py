@@ -350,7 +350,7 @@ def draw(path: Path, k: int) -> None:
 
 def eval_config(data_dir, output_dir, *models, extra=()):
     """The evaluation's `EvalConfig` for a greedy CPU run of ``models`` on ``data_dir``."""
-    from evaluation import evaluation as ev
+    from transformers_vpt.evaluation import evaluation as ev
 
     argv = ["--data-dir", str(data_dir), "--output-dir", str(output_dir), "--device", "cpu", "--max-image-side", "64"]
     for model in models:

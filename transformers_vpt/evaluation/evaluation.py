@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Evaluate VPT models and plain base-model baselines on the released VPT test splits.
 
 A VPT model of any base (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) answers in two rounds
@@ -13,6 +12,12 @@ settings answers only the missing records, then rescores everything (judge repli
 record from its own generator (seed + record index), so a resumed run gives the answers of an uninterrupted one
 whatever the batch boundaries. One run at a time writes into an output directory (it holds ``<output-dir>/.lock``).
 
+Data parallel: under ``torchrun --nproc-per-node N`` or ``accelerate launch`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``)
+every rank loads the models on its own device (``cuda:LOCAL_RANK``, or the CPU) and answers the records whose index
+mod N is its rank, appending to ``answers.rank<R>-of-<N>.jsonl``; rank 0 waits for the others' done markers (files,
+no torch.distributed collective), merges the shards into ``answers.jsonl``, scores once and writes the reports.
+Answers equal those of one process, and a run killed on any rank resumes with any N (`parallel` has the rules).
+
 ``--protocol released`` routes round-1 text and scores as the released evaluation did, to reproduce the published
 table like for like (`transformers_vpt.pipeline.route`): region spans by the released regex (``<|x_8|>`` makes a span
 no region, an x-only span is one), the released crop box as is, a record whose crop cannot be built dropped from
@@ -21,50 +26,24 @@ scoring (listed in problems.json), and the released judge score rule unless ``--
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if not __package__:  # run as `python evaluation/evaluation.py`: import the `evaluation` package, not this file
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import gc
 import json
 import logging
+import os
+import sys
 import textwrap
+import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from tqdm.auto import tqdm
 
-from evaluation.baseline import BaselinePipeline
-from evaluation.datasets import (
-    MODES,
-    RELEASED_TEST_SETS,
-    TEST_SPLIT_GLOB,
-    DatasetError,
-    Item,
-    find_datasets,
-    load_records,
-    prepare_items,
-    prompt_for_mode,
-)
-from evaluation.judge import SCORE_RULES, JudgeClient
-from evaluation.report import write_reports
-from evaluation.scoring import score
-from evaluation.storage import (
-    AnswerLog,
-    OutputDirError,
-    exclusive_run,
-    name_problem,
-    output_path,
-    prepare_output_dir,
-    read_json,
-)
 from transformers_vpt.errors import DEBUG_ENV, VPTUserError, one_line, run_cli
 from transformers_vpt.files import write_json
 from transformers_vpt.images import ImageLoadError, load_image
@@ -77,7 +56,33 @@ from transformers_vpt.pipeline import (
     model_type_of,
 )
 
-logger = logging.getLogger("evaluation")
+from .baseline import BaselinePipeline
+from .datasets import (
+    MODES,
+    RELEASED_TEST_SETS,
+    TEST_SPLIT_GLOB,
+    DatasetError,
+    Item,
+    find_datasets,
+    load_records,
+    prepare_items,
+    prompt_for_mode,
+)
+from .judge import SCORE_RULES, JudgeClient
+from .parallel import RankError, Ranks, RunLock, merge_shards, read_answers, run_lock
+from .report import write_reports
+from .scoring import score
+from .storage import (
+    AnswerLog,
+    OutputDirError,
+    name_problem,
+    output_path,
+    prepare_output_dir,
+    read_json,
+)
+
+logger = logging.getLogger("transformers_vpt.evaluation")
+"""The evaluation's logger; its modules' loggers are its children, so `_logging_to` gets their messages too."""
 
 MODEL_KINDS = {**dict.fromkeys(BASELINE_MODEL_TYPES, "baseline"), **dict.fromkeys(VPT_MODEL_TYPES, "vpt")}
 """How each ``model_type`` is evaluated: a plain base model as the one-round baseline, a VPT model in two rounds."""
@@ -143,7 +148,11 @@ class ModelSpec:
 
 @dataclass
 class Pair:
-    """One (model, dataset): its records (evaluable items and problems), output folder and the answers found there."""
+    """One (model, dataset): its records (evaluable items and problems), output folder and the answers found there.
+
+    ``answers`` is the file this process appends to (``answers.jsonl``, or its rank's shard in a data-parallel run);
+    ``done`` holds the answers of every file of the folder. ``problems`` starts with the ``broken`` records found when
+    the split was read; the records that failed when answered follow."""
 
     model: ModelSpec
     dataset: str
@@ -153,10 +162,17 @@ class Pair:
     directory: Path
     answers: AnswerLog
     done: dict[int, dict[str, Any]] = field(default_factory=dict)
+    ranks: Ranks = field(default_factory=Ranks)
+    broken: int = 0
 
     @property
     def pending(self) -> list[Item]:
-        return [item for item in self.items if item.index not in self.done]
+        """The records this rank owns (all of them in one process) that no answer file holds yet."""
+        return [item for item in self.items if item.index not in self.done and self.ranks.owns(item.index)]
+
+    @property
+    def name(self) -> str:
+        return f"{self.model.name}/{self.dataset}"
 
 
 # --- command line ---------------------------------------------------------------------------------------------------
@@ -179,9 +195,9 @@ def _int_at_least(low: int):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "evaluation.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="evaluation.py",
+        prog=prog,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
@@ -196,6 +212,7 @@ outputs (under --output-dir):
   summary.md|csv|json, summary.png     main score per model (rows) and dataset (columns), average
   action_usage.md|json                 how often region, re-encoding or no perception token was used
   judge_cache.jsonl, evaluation.log
+  <model>/<dataset>/answers.rank<R>-of-<N>.jsonl   data parallel only: rank R's answers until rank 0 merges them
 
 released splits:
 {textwrap.fill(", ".join(RELEASED_TEST_SETS), 110, initial_indent="  ", subsequent_indent="  ")}
@@ -203,6 +220,9 @@ released splits:
 examples:
   python evaluation/evaluation.py --model saves/vpt-2b-det --model qwen2vl=Qwen2-VL-2B-Instruct --data-dir data
   python evaluation/evaluation.py --config evaluation/evaluation.yaml --limit 100 --greedy
+  vpt-eval --config evaluation/evaluation.yaml                                  (the same, installed)
+  torchrun --nproc-per-node 4 evaluation/evaluation.py --config evaluation/evaluation.yaml   (4 GPUs)
+  accelerate launch --multi_gpu --num_processes 4 evaluation/evaluation.py --config evaluation/evaluation.yaml
 
 exit status: 0 when something was evaluated, 1 when nothing could be, 2 on usage errors and on errors that stop
 the run (a missing model or data directory, an unusable or busy --output-dir, a model that cannot be loaded): one
@@ -291,7 +311,11 @@ line on stderr naming the problem (--debug shows the traceback).""",
         "fails, which drops the record from scoring (listed in problems.json), and the judge score rule defaults "
         "to upstream. Part of the settings a rerun is checked against" + _default("protocol"),
     )
-    inference.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    inference.add_argument(
+        "--device",
+        help="cpu, cuda or cuda:N (default: cuda when available); under torchrun/accelerate cuda means "
+        "cuda:LOCAL_RANK",
+    )
     inference.add_argument(
         "--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="weights dtype" + _default("dtype")
     )
@@ -353,9 +377,9 @@ def _config_file_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
     return argv
 
 
-def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
+def parse_config(argv: Sequence[str] | None = None, prog: str = "evaluation.py") -> EvalConfig:
     """Options from ``argv`` over those of ``--config``, over the defaults; usage errors exit with status 2."""
-    parser = build_parser()
+    parser = build_parser(prog)
     values = vars(parser.parse_args(argv))
     values.pop("debug", None)  # read by `run_cli` from argv
     if "config" in values:
@@ -412,14 +436,27 @@ def load_region_targets(path: str | None) -> dict[str, dict[str, Any]] | None:
 class Evaluator:
     """Answers, scores and reports every (model, dataset) pair of a config."""
 
-    def __init__(self, config: EvalConfig, generation_overrides: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        config: EvalConfig,
+        generation_overrides: dict[str, Any] | None = None,
+        ranks: Ranks | None = None,
+        lock: RunLock | None = None,
+    ):
         """``generation_overrides`` (e.g. a ``logits_processor``) go to `generate` on top of the config's settings;
-        they are not part of the settings a rerun is checked against."""
+        they are not part of the settings a rerun is checked against. ``ranks`` (default: one process) is this
+        process's place in a data-parallel run, whose locks ``lock`` holds (`parallel.run_lock`; `evaluate` takes
+        them)."""
         self.config = config
+        self.ranks = ranks or Ranks()
+        if self.ranks.parallel and lock is None:
+            raise ValueError("a data-parallel Evaluator needs the run's locks: use evaluate(), or pass lock=")
+        self.lock = lock
         self.output_dir = Path(config.output_dir)
         self.generation = config.generation_kwargs()
         self.generation_overrides = generation_overrides or {}
         self.load_errors: dict[str, str] = {}
+        self.marked: set[str] = set()  # the pairs whose done marker this rank (r > 0) wrote
         self.targets = load_region_targets(config.region_meta)
         self.models = resolve_models(config.model)
         try:
@@ -478,21 +515,25 @@ class Evaluator:
                     f"{directory} holds answers made with other settings ({', '.join(changed)}); "
                     "use another --output-dir, or delete that folder to start it again"
                 )
-        answers = AnswerLog(directory / "answers.jsonl")
-        pair = Pair(model, dataset, len(items) + len(problems), items, list(problems), directory, answers)
-        pair.done = pair.answers.load()
+        answers = AnswerLog(directory / self.ranks.shard_name())
+        records = len(items) + len(problems)
+        pair = Pair(model, dataset, records, items, list(problems), directory, answers, {}, self.ranks, len(problems))
+        pair.done = read_answers(directory, answers, repair_merged=self.ranks.rank == 0)
         questions = {item.index: item.question for item in items}
         if stale := [i for i, answer in pair.done.items() if i in questions and answer["question"] != questions[i]]:
             raise ConfigError(
-                f"{pair.answers.path} answers other questions than {dataset} has now (records {stale[:5]}...); "
+                f"{directory} holds answers to other questions than {dataset} has now (records {stale[:5]}...); "
                 "use another --output-dir"
             )
         return pair
 
     def run(self) -> tuple[dict[str, dict[str, dict[str, Any]]], str]:
-        """Answer what is missing, score everything, write the reports; return the summaries and the Markdown."""
+        """Answer what is missing, score everything, write the reports; return the summaries and the Markdown.
+
+        In a data-parallel run every rank answers its records of each model, ranks > 0 then write their done markers
+        and return ``({}, "")``; rank 0 waits for them, merges the shards and scores (`parallel`)."""
         judge = None
-        if self.config.judge_base_url:
+        if self.config.judge_base_url and self.ranks.rank == 0:
             judge = JudgeClient(
                 self.config.judge_base_url,
                 model=self.config.judge_model,
@@ -500,6 +541,14 @@ class Evaluator:
                 cache_path=self.output_dir / "judge_cache.jsonl",
                 concurrency=self.config.judge_concurrency,
                 score_rule=self.config.score_rule(),
+            )
+        if self.ranks.parallel:
+            logger.info(
+                "Data parallel over %d processes: this is %s on %s; records are shared by index mod %d",
+                self.ranks.world_size,
+                self.ranks.label,
+                self._device(),
+                self.ranks.world_size,
             )
         results = {}
         try:
@@ -509,19 +558,100 @@ class Evaluator:
                     gc.collect()
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
+                if self.ranks.rank > 0:
+                    for pair in self.pairs[model.name]:
+                        if pair.name not in self.marked:  # nothing to answer, or the model failed to load
+                            self._mark(pair)
+                else:
+                    for pair in self.pairs[model.name]:
+                        self._gather(pair)
                 if self.load_errors and len(self.load_errors) == len(self.models):
                     raise ConfigError("; ".join(self.load_errors.values()))
-                results[model.name] = {pair.dataset: self._finish(pair, judge) for pair in self.pairs[model.name]}
+                if self.ranks.rank == 0:
+                    results[model.name] = {pair.dataset: self._finish(pair, judge) for pair in self.pairs[model.name]}
         finally:
             if judge is not None:
                 judge.close()
+        if self.ranks.rank > 0:
+            logger.info("Answers done; rank 0 merges and scores them")
+            return {}, ""
         models = {model.name: {"kind": model.kind, "path": str(model.path)} for model in self.models}
         markdown = write_reports(self.output_dir, results, models, list(self.datasets))
         return results, markdown
 
+    def _mark(self, pair: Pair) -> None:
+        """Rank r > 0: the done marker of ``pair`` (its records are answered or problems, or the model failed)."""
+        self.lock.write_marker(
+            pair.directory,
+            pair.problems[pair.broken :],
+            sum(self.ranks.owns(index) for index in pair.done),
+            self.load_errors.get(pair.model.name),
+        )
+        self.marked.add(pair.name)
+
+    def _gather(self, pair: Pair) -> None:
+        """Rank 0 (or one process): wait for the other ranks' done markers of ``pair``, take their problems, merge
+        every shard file of its folder into answers.jsonl (those of earlier runs too)."""
+        failed = set()  # ranks on which the model could not be loaded: their records stay unanswered
+        if pair.model.name in self.load_errors:
+            failed.add(self.ranks.rank)
+        if self.ranks.parallel:
+            markers = self.lock.wait_for_markers(pair.directory, pair.name)
+            seen = {problem["index"] for problem in pair.problems}
+            for rank, marker in sorted(markers.items()):
+                for problem in marker.get("problems") or []:
+                    if problem.get("index") not in seen:
+                        pair.problems.append(problem)
+                        seen.add(problem.get("index"))
+                if error := marker.get("load_error"):
+                    failed.add(rank)
+                    logger.error(
+                        "%s: rank %d of %d could not load the model (%s); its records are left unanswered, rerun to "
+                        "answer them",
+                        pair.name,
+                        rank,
+                        self.ranks.world_size,
+                        error,
+                    )
+        pair.done = merge_shards(pair.directory)
+        problems = {problem["index"] for problem in pair.problems}
+        missing = [
+            item.index
+            for item in pair.items
+            if item.index not in pair.done
+            and item.index not in problems
+            and item.index % self.ranks.world_size not in failed
+        ]
+        if missing:  # never expected: every rank answers its records or lists them as problems
+            logger.warning(
+                "%s: %d records have no answer (indices %s); rerun to answer them",
+                pair.name,
+                len(missing),
+                ", ".join(map(str, missing[:20])),
+            )
+
+    def _device(self) -> str:
+        """This rank's device: ``--device`` (``cuda`` means ``cuda:LOCAL_RANK`` in a data-parallel run), else
+        ``cuda:LOCAL_RANK`` / ``cuda`` when CUDA is present, else ``cpu``."""
+        device = self.config.device
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and self.ranks.parallel:
+            count = torch.cuda.device_count()
+            if self.ranks.local_rank >= count:
+                raise ConfigError(
+                    f"{self.ranks.label}: LOCAL_RANK={self.ranks.local_rank} but this machine has {count} CUDA "
+                    "device(s); start at most that many processes per machine, or give --device"
+                )
+            device = f"cuda:{self.ranks.local_rank}"
+        return device
+
     def _answer(self, model: ModelSpec, pairs: list[Pair]) -> None:
-        device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        logger.info("Loading %s model %s from %s on %s", model.kind, model.name, model.path, device)
+        device = self._device()
+        if device.startswith("cuda:"):
+            torch.cuda.set_device(device)
+        where = f"{device}, {self.ranks.label}" if self.ranks.parallel else device
+        logger.info("Loading %s model %s from %s on %s", model.kind, model.name, model.path, where)
         pipeline_class = BaselinePipeline if model.kind == "baseline" else VPTPipeline
         try:
             runner = pipeline_class.from_pretrained(model.path, dtype=self.config.dtype, device=device)
@@ -531,24 +661,38 @@ class Evaluator:
                 logger.error("%s; its missing answers are skipped", self.load_errors[model.name])
             return
         mode = self.settings(model)["mode"]
+        rank = f" [rank {self.ranks.rank}/{self.ranks.world_size}]" if self.ranks.parallel else ""
+        started, answered = time.perf_counter(), 0
         for pair in pairs:
             pending = pair.pending
             logger.info(
-                "%s / %s: answering %d records (%d already answered)",
+                "%s / %s: answering %d records (%d already answered)%s",
                 model.name,
                 pair.dataset,
                 len(pending),
                 len(pair.done),
+                f"; this rank's records: index mod {self.ranks.world_size} = {self.ranks.rank}" if rank else "",
             )
             write_json(pair.directory / "settings.json", self.settings(model))
             size = self.config.batch_size
-            with tqdm(total=len(pending), desc=f"{model.name}/{pair.dataset}", unit="item") as progress:
+            with tqdm(total=len(pending), desc=f"{pair.name}{rank}", unit="item") as progress:
                 for start in range(0, len(pending), size):
                     batch = pending[start : start + size]
                     answers = self._answer_batch(runner, batch, mode, pair.problems)
                     pair.answers.append(answers)
                     pair.done.update((answer["index"], answer) for answer in answers)
+                    answered += len(answers)
                     progress.update(len(batch))
+            if self.ranks.rank > 0:
+                self._mark(pair)
+        seconds = time.perf_counter() - started
+        logger.info(  # scripts/bench.py --sections eval reads this line
+            "Answered %d records of %s in %.3f s (%.3g records/s, model loading excluded)",
+            answered,
+            model.name,
+            seconds,
+            answered / seconds if seconds > 0 else float("nan"),
+        )
 
     def _answer_batch(self, runner, batch: list[Item], mode: str, problems: list[dict]) -> list[dict[str, Any]]:
         """Answers of a batch; items whose image cannot be loaded or whose generation fails go to ``problems``."""
@@ -671,20 +815,24 @@ def _answer_record(item: Item, prompt: str, result: VPTResult) -> dict[str, Any]
 
 
 def evaluate(
-    config: EvalConfig, generation_overrides: dict[str, Any] | None = None
+    config: EvalConfig, generation_overrides: dict[str, Any] | None = None, ranks: Ranks | None = None
 ) -> tuple[dict[str, dict[str, dict[str, Any]]], str]:
-    """Run the evaluation of ``config``; see `Evaluator`.
+    """Run the evaluation of ``config``; see `Evaluator`. ``ranks`` defaults to the launcher's variables
+    (`Ranks.from_env`: one process without them).
 
-    The run holds the lock of ``config.output_dir`` (`storage.exclusive_run`): a second evaluation writing into the
-    same directory fails at once with `OutputDirError`.
+    The run holds the lock of ``config.output_dir`` (`storage.exclusive_run`; in a data-parallel run rank 0 does and
+    every rank holds its rank lock, `parallel.run_lock`): a second evaluation writing into the same directory fails
+    at once with `OutputDirError`. Ranks other than 0 return ``({}, "")``.
     """
-    with exclusive_run(config.output_dir):
-        return Evaluator(config, generation_overrides).run()
+    ranks = Ranks.from_env() if ranks is None else ranks
+    with run_lock(config.output_dir, ranks) as lock:
+        return Evaluator(config, generation_overrides, ranks, lock).run()
 
 
 @contextmanager
-def _logging_to(output_dir: Path):
-    """Log the ``evaluation`` loggers to stderr and to ``output_dir/evaluation.log`` (appended) meanwhile.
+def _logging_to(output_dir: Path, ranks: Ranks):
+    """Log the ``transformers_vpt.evaluation`` loggers to stderr and to ``output_dir/evaluation.log`` (appended, by
+    every rank; lines name the rank in a data-parallel run) meanwhile.
 
     An error that ends the run is written to the log file; `run_cli` prints it on stderr, as one line.
     """
@@ -696,7 +844,8 @@ def _logging_to(output_dir: Path):
         raise OutputDirError(f"cannot write {log_file}: {error.strerror or one_line(error)}") from error
     stream_handler = logging.StreamHandler()
     handlers = [stream_handler, file_handler]
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    where = f" [{ranks.label}]" if ranks.parallel else ""
+    formatter = logging.Formatter(f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s")
     logger.setLevel(logging.INFO)
     for handler in handlers:
         handler.setFormatter(formatter)
@@ -714,9 +863,12 @@ def _logging_to(output_dir: Path):
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    config = parse_config(argv)
-    with _logging_to(Path(config.output_dir)):
-        results, markdown = evaluate(config)
+    config = parse_config(argv, prog=_prog_name())
+    ranks = Ranks.from_env()
+    with _logging_to(Path(config.output_dir), ranks):
+        results, markdown = evaluate(config, ranks=ranks)
+        if ranks.rank > 0:  # rank 0 prints the tables
+            return 0
         print(markdown)
         if not any(summary["answered"] for per_dataset in results.values() for summary in per_dataset.values()):
             logger.error("Nothing could be evaluated: no record was answered")
@@ -724,10 +876,25 @@ def _main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _prog_name() -> str:
+    """``vpt-eval`` when run as the installed script, else ``evaluation.py`` (``python evaluation/evaluation.py``)."""
+    return "vpt-eval" if os.path.basename(sys.argv[0] or "") == "vpt-eval" else "evaluation.py"
+
+
+def _error_prog() -> str:
+    """The program name of error lines; in a data-parallel run it names the rank (``evaluation.py [rank 1 of 2]``)."""
+    try:
+        ranks = Ranks.from_env()
+    except RankError:
+        return _prog_name()
+    return f"{_prog_name()} [{ranks.label}]" if ranks.parallel else _prog_name()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; an error that stops the run is one line on stderr and exit status 2 (``--debug``: the
-    traceback). Usage errors exit 2 with argparse's message."""
-    return run_cli(_main, argv, prog="evaluation.py")
+    """The command line (``vpt-eval``, ``python evaluation/evaluation.py``, also under ``torchrun`` or ``accelerate
+    launch``); an error that stops the run is one line on stderr and exit status 2 (``--debug``: the traceback).
+    Usage errors exit 2 with argparse's message."""
+    return run_cli(_main, argv, prog=_error_prog())
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Crash-safe files: an append-only JSONL log of answers, the run lock of an output directory, and folder names that
-cannot leave it. Whole-file writes are atomic through `transformers_vpt.files`."""
+cannot leave it. Whole-file writes are atomic through `transformers_vpt.files`. The files of data-parallel runs
+(shards, done markers, rank locks) are in `parallel`."""
 
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ def exclusive_run(directory: str | os.PathLike) -> Iterator[Path]:
 
 def _lock_holder(fd: int) -> str:
     try:
-        pid = os.pread(fd, 32, 0).decode().strip()
+        pid = os.pread(fd, 32, 0).decode().partition("\n")[0].strip()
     except (OSError, UnicodeDecodeError):
         return ""
     return f" (pid {pid})" if pid.isdigit() else ""
@@ -119,12 +120,15 @@ class AnswerLog:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
 
-    def load(self) -> dict[int, dict[str, Any]]:
+    def load(self, repair: bool = True) -> dict[int, dict[str, Any]]:
+        """The answers by index (a later line of the same index wins). ``repair=False`` reads a file another process
+        may be appending to (a shard of another rank, the merged file on ranks other than 0): a cut-off last line is
+        skipped, never truncated."""
         if not self.path.exists():
             return {}
         data = self.path.read_bytes()
         complete = data.rfind(b"\n") + 1
-        if complete < len(data):
+        if complete < len(data) and repair:
             logger.warning("%s: dropping a cut-off last line (%d bytes)", self.path, len(data) - complete)
             with open(self.path, "r+b") as file:
                 file.truncate(complete)
