@@ -41,7 +41,7 @@ fi
 
 step() { printf '\n==> [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 SECONDS=0
-[ "$INSTALL" = 1 ] && { step "Installing (scripts/install.sh)"; bash scripts/install.sh; }
+[ "$INSTALL" = 1 ] && { step "Installing (scripts/install.sh)"; bash scripts/install.sh train,eval; }
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PATH="$PWD/.venv/bin:$PATH" PYTHONWARNINGS=ignore DISABLE_VERSION_CHECK=1
 # The base's label and LLaMA-Factory template, from the one list of bases (an unknown --base stops here). A base

@@ -103,6 +103,40 @@ def test_mixed_batches_equal_single_samples(pipeline):
 
 
 @pytest.mark.parametrize("base", BASES, indirect=True)
+def test_given_round1_texts_replace_round1(pipeline, generate_calls):
+    """``round1_texts`` (the oracle of the demo, a replayed run) skip round-1 generation and route as generated
+    text does: the results equal a run whose model wrote those texts."""
+    questions = ["Q region?", "Q dino?", "Q plain?", "Q two regions?"]
+    images = [make_image(seed) for seed in range(len(questions))]
+    kwargs = {"max_image_side": MAX_SIDE, "progress": False}
+    scripted = pipeline(
+        images, questions, batch_size=3, generation_kwargs=scripted_kwargs(pipeline.processor, SCRIPTS), **kwargs
+    )
+    generate_calls.clear()
+    texts = [build_user_text(q, "region") for q in questions]
+    given = pipeline.run(
+        texts, images, batch_size=3, round1_texts=[SCRIPTS[q] for q in questions],
+        generation_kwargs=scripted_kwargs(pipeline.processor, {}), **kwargs,
+    )
+    assert [(r.round1_text, r.action, r.boxes, r.round2_prompt) for r in given] == [
+        (r.round1_text, r.action, r.boxes, r.round2_prompt) for r in scripted
+    ]
+    assert len(generate_calls) == 2  # round 2 of each batch only
+    assert all(inputs["input_ids"].shape[0] in (2, 1) for inputs, _ in generate_calls)
+    with pytest.raises(ValueError, match="one round-1 answer"):
+        pipeline.run(texts, images, round1_texts=["only one"])
+    with pytest.raises(ValueError, match=r"round1_texts\[1\] must be a string"):
+        pipeline.run(texts[:2], images[:2], round1_texts=["a", None])
+
+
+def test_the_baseline_refuses_round1_texts(tmp_path):
+    model, processor = build_tiny_base()
+    baseline = BaselinePipeline(model, processor)
+    with pytest.raises(ValueError, match="answers in one round"):
+        baseline.run(["<image>\nQ?"], [make_image()], round1_texts=["x"])
+
+
+@pytest.mark.parametrize("base", BASES, indirect=True)
 def test_from_pretrained_and_crop_paths(tmp_path, base, pipeline):
     build_tiny_vpt(save_dir=tmp_path / "model", base=base)
     loaded = load_pipeline(tmp_path / "model", device="cpu")

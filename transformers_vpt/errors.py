@@ -1,7 +1,7 @@
 """User-facing errors: one exception type for problems a user can fix, and one wrapper for every command line.
 
 Library code raises `VPTUserError` (a `ValueError`) for bad input it can name: a missing file, an unreadable image,
-a record that breaks a rule. Every command-line entry point (`vpt-cli`, `evaluation/evaluation.py`,
+a record that breaks a rule. Every command-line entry point (`vpt-cli`, `vpt-eval` and `evaluation/evaluation.py`,
 `scripts/prepare_data.py`, `scripts/prepare_weights.py`) runs through `run_cli`, which turns any error into one line
 on stderr and exit status 2; ``--debug`` or ``VPT_DEBUG=1`` shows the traceback instead.
 """

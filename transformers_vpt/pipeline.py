@@ -234,6 +234,8 @@ class VPTPipeline:
     """
 
     progress_name = "VPT"
+    two_rounds = True
+    """Whether round 1 can route to a round 2 (and so whether `run` takes ``round1_texts``)."""
 
     def __init__(self, model, processor):
         self.model = model.eval()
@@ -296,6 +298,7 @@ class VPTPipeline:
         seeds: Sequence[int] | None = None,
         on_error: str = "record",
         protocol: str = "project",
+        round1_texts: Sequence[str] | None = None,
     ) -> list[VPTResult]:
         """Run both rounds on ready round-1 user turns (each with one ``<image>``, e.g. a dataset's first message).
 
@@ -317,6 +320,9 @@ class VPTPipeline:
                 one pixel, and a crop that fails is an error of the sample (``on_error``); ``"released"`` uses the
                 released box formula as is (an empty box is stretched by `images.fit_image`, as the released
                 preprocessing does) and a crop that fails gives a result with ``dropped`` set, no round 2.
+            round1_texts: One round-1 answer per sample to use instead of generating it (e.g. a record's ground-truth
+                region answer: the oracle of the region path, or a recorded run replayed); each is routed and
+                answered in round 2 exactly as a generated one.
         """
         if isinstance(user_texts, str) or len(user_texts) != len(images):
             raise ValueError(f"Got {len(user_texts)} texts but {len(images)} images; give one image per text")
@@ -333,6 +339,14 @@ class VPTPipeline:
                 raise ValueError(f"Got {len(seeds)} seeds for {len(user_texts)} samples; give one seed per sample")
             for seed in seeds:
                 _check_int("every seed", seed, 0)
+        if round1_texts is not None:
+            if not self.two_rounds:
+                raise ValueError(f"{type(self).__name__} answers in one round: round1_texts cannot be given")
+            if isinstance(round1_texts, str) or len(round1_texts) != len(user_texts):
+                raise ValueError("round1_texts needs one round-1 answer (a string) per sample")
+            for i, text in enumerate(round1_texts):
+                if not isinstance(text, str):
+                    raise ValueError(f"round1_texts[{i}] must be a string, got {type(text).__name__}")
         generation_kwargs = {**_DEFAULT_GENERATION, **(generation_kwargs or {})}
         starts = range(0, len(user_texts), batch_size)
         show = len(starts) >= 2 if progress is None else progress
@@ -348,11 +362,21 @@ class VPTPipeline:
                 generation_kwargs,
                 on_error,
                 protocol=protocol,
+                round1=None if round1_texts is None else [round1_texts[i] for i in indices],
             )
         return results
 
     def _run_records(
-        self, indices, user_texts, images, seeds, max_image_side, generation_kwargs, on_error, protocol="project"
+        self,
+        indices,
+        user_texts,
+        images,
+        seeds,
+        max_image_side,
+        generation_kwargs,
+        on_error,
+        protocol="project",
+        round1=None,
     ):
         """One batch: load its images, answer the loadable samples, and keep per-sample errors (``on_error``)."""
         results: dict[int, VPTResult] = {}
@@ -376,15 +400,28 @@ class VPTPipeline:
                 on_error,
                 [indices[k] for k in keys],
                 protocol=protocol,
+                round1=None if round1 is None else [round1[k] for k in keys],
             )
             results.update(zip(keys, answers))
         return [results[k] for k in range(len(indices))]
 
     def _answer_or_split(
-        self, keys, texts, originals, seeds, max_image_side, generation_kwargs, on_error, indices, protocol="project"
+        self,
+        keys,
+        texts,
+        originals,
+        seeds,
+        max_image_side,
+        generation_kwargs,
+        on_error,
+        indices,
+        protocol="project",
+        round1=None,
     ):
         try:
-            return self._answer(texts, originals, seeds, max_image_side, generation_kwargs, protocol=protocol)
+            return self._answer(
+                texts, originals, seeds, max_image_side, generation_kwargs, protocol=protocol, round1=round1
+            )
         except Exception as error:  # one bad sample (or memory) must not cost the batch: retry the samples alone
             if on_error == "raise":
                 raise
@@ -404,18 +441,20 @@ class VPTPipeline:
                     on_error,
                     indices[i : i + 1],
                     protocol=protocol,
+                    round1=None if round1 is None else round1[i : i + 1],
                 )
             ]
 
     def _answer(
-        self, user_texts, originals, seeds, max_image_side, generation_kwargs, protocol="project"
+        self, user_texts, originals, seeds, max_image_side, generation_kwargs, protocol="project", round1=None
     ) -> list[VPTResult]:
-        """Both rounds for samples whose images are loaded."""
+        """Both rounds for samples whose images are loaded (round 1 given as ``round1``: not generated)."""
         shown = [fit_image(image, max_image_side) for image in originals]
         first_turns = [[{"role": "user", "content": text}] for text in user_texts]
-        round1 = self._generate(
-            [self._request(turn, [image]) for turn, image in zip(first_turns, shown)], generation_kwargs, seeds
-        )
+        if round1 is None:
+            round1 = self._generate(
+                [self._request(turn, [image]) for turn, image in zip(first_turns, shown)], generation_kwargs, seeds
+            )
 
         results, followups = [], {}
         for i, text in enumerate(round1):
@@ -521,6 +560,8 @@ class BaselinePipeline(VPTPipeline):
     the base's VPT processor (for the user-text rule; a plain tokenizer has no VPT tokens to expand).
     """
 
+    two_rounds = False
+
     @property
     def progress_name(self) -> str:
         return self.base.label if self.base is not None else "baseline"
@@ -544,7 +585,7 @@ class BaselinePipeline(VPTPipeline):
         return super().__call__(images, questions, mode="free", **kwargs)
 
     def _answer(
-        self, user_texts, originals, seeds, max_image_side, generation_kwargs, protocol="project"
+        self, user_texts, originals, seeds, max_image_side, generation_kwargs, protocol="project", round1=None
     ) -> list[VPTResult]:
         """One round; ``protocol`` has no effect (there is no routing)."""
         requests = [
