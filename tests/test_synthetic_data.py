@@ -1,5 +1,6 @@
 """transformers_vpt.tiny.synthetic and scripts/make_synthetic_data.py: the synthetic dataset, its records and crops."""
 
+import dataclasses
 import json
 import re
 
@@ -181,3 +182,92 @@ def test_cli(tmp_path):
     make_synthetic_data.main(["--out-dir", str(tmp_path), "--train-size", "6", "--test-size", "2", "--alignment-size", "3"])
     assert len(json.loads((tmp_path / "synthetic_vpt_clip_train.json").read_text())) == 6
     assert len(json.loads((tmp_path / "synthetic_alignment_seg_train.json").read_text())) == 3
+
+
+DETAIL = {"seed": 1, "task": "detail", "train_size": 12, "test_size": 16, "alignment_size": 4, "image_size": 224,
+          "distractors": 3}
+
+
+@pytest.fixture(scope="module")
+def detail(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("detail")
+    synth.generate(out_dir, **DETAIL)
+    return out_dir
+
+
+def test_detail_task_targets_one_cell_and_its_crop_shows_the_pattern(detail):
+    """The detail target fills one grid cell: its region span names that cell alone, the crop is that cell plus one
+    cell of margin, cut from the full-resolution image, and the answer is the target's pattern."""
+    meta = json.loads((detail / "synthetic_meta.json").read_text())
+    assert meta["answers"] == {"pattern": list(synth.PATTERNS)}
+    regions = json.loads((detail / "synthetic_region_test.json").read_text())
+    cells_seen = set()
+    side = DETAIL["image_size"] // GRID_SIZE
+    for record in regions:
+        target = meta["targets"][record["images"][0]]
+        x, y, x_max, y_max = target["cells"]
+        assert (x, y) == (x_max, y_max) and target["box"] == [x * side, y * side, (x + 1) * side, (y + 1) * side]
+        assert SPAN.match(record["messages"][1]["content"]).groups() == (str(x), str(y), str(x), str(y))
+        crop = tuple(map(int, CROP_PATH.match(record["images"][1]).groups()[1:]))
+        assert crop == (max(x - 1, 0) * side, max(y - 1, 0) * side, min(x + 2, 8) * side, min(y + 2, 8) * side)
+        assert record["messages"][3]["content"] == target["pattern"] in synth.PATTERNS
+        assert f"on the {target['color']} square?" in record["messages"][0]["content"]
+        cells_seen.add((x, y))
+    assert len(cells_seen) > len(regions) // 2  # positions vary over the grid
+
+
+def _scene_with(pattern: str, **options):
+    opts = synth.Options(**{**DETAIL, **options})
+    scene = synth.make_scene(opts, "test", 0)
+    return dataclasses.replace(scene, target=dataclasses.replace(scene.target, pattern=pattern), path=f"{pattern}.png")
+
+
+def test_detail_patterns_differ_in_full_resolution_and_average_out_at_half(tmp_path):
+    """What makes the task need a closer look: the three patterns are distinct images, and a downscale by the pattern
+    period (a box average) turns all three into the same flat square."""
+    full, half = {}, {}
+    for pattern in synth.PATTERNS:
+        scene = _scene_with(pattern)
+        synth.render(scene, tmp_path)
+        image = Image.open(tmp_path / scene.path)
+        full[pattern] = image.crop(scene.target.box).tobytes()
+        half[pattern] = image.reduce(2).crop(tuple(v // 2 for v in scene.target.box)).tobytes()
+    assert len(set(full.values())) == 3
+    assert len(set(half.values())) == 1
+    assert len(set(half["vertical"])) == 3  # one flat colour: its three channel values
+
+
+def test_detail_background_codes_the_cell_position(tmp_path):
+    scene = _scene_with("vertical", background_code=20, distractors=0)
+    synth.render(scene, tmp_path)
+    image = Image.open(tmp_path / scene.path)
+    side = DETAIL["image_size"] // GRID_SIZE
+    tx, ty = scene.target.box[0] // side, scene.target.box[1] // side
+    for x, y in [(0, 0), (7, 0), (3, 5), (7, 7)]:
+        if (x, y) != (tx, ty):
+            assert image.getpixel((x * side + side // 2, y * side + 3)) == (255 - 20 * x, 255 - 20 * y, 255)
+    white = _scene_with("vertical", background_code=0, distractors=0)
+    synth.render(white, tmp_path)
+    assert Image.open(tmp_path / white.path).getpixel((0, 0)) == synth.BACKGROUND
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"pattern_period": 3}, "pattern_period must be even"),
+        ({"image_size": 220}, "multiple of grid"),
+        ({"distractors": 13}, "distractors must be in 0..12"),
+        ({"background_code": 40}, "background_code must be in"),
+        ({"task": "count"}, "task must be one of detail, shapes"),
+    ],
+)
+def test_detail_options_are_checked(options, message):
+    with pytest.raises(ValueError, match=message):
+        synth.Options(**{**DETAIL, **options})
+
+
+def test_detail_cli_writes_the_same_files(detail, tmp_path):
+    argv = ["--out-dir", str(tmp_path)] + [f"--{k.replace('_', '-')}={v}" for k, v in DETAIL.items()]
+    make_synthetic_data.main(argv)
+    for path in sorted(detail.glob("*.json")):
+        assert path.read_bytes() == (tmp_path / path.name).read_bytes(), path.name

@@ -1,9 +1,19 @@
 """A synthetic VPT dataset that a tiny model can learn on a CPU in minutes (`generate`).
 
-The task: a large white image holds one coloured shape (the target) and a few gray shapes (distractors) of other
-kinds. A question names the target by one attribute and asks for the other ("What color is the triangle?", "What
-shape is the red object?"); the answer is one word from a closed set. The target covers a small part of the image,
-so a region crop around it shows it at a much higher resolution than the downscaled full image does.
+Two tasks (``--task``):
+
+* ``detail`` (the demo's): a fine-detail question that needs a closer look. The scene is an 8x8 board whose cells
+  have a coordinate-coded background (red falls with the column, green with the row); one cell holds a coloured
+  square (the target: the only coloured object, easy to *find* at any resolution) striped with a fine pattern
+  (horizontal or vertical lines, or a checkerboard, repeating every ``pattern_period`` pixels), and a few cells
+  hold flat gray squares (distractors). "What pattern is on the red square?" At the resolution round 1 sees (the
+  scene downscaled by two) the three patterns average to the same flat colour, so the global view cannot tell them
+  apart; the crop that a region selection cuts from the full-resolution image shows the lines natively. The background code gives every
+  image token its absolute position, which the tiny model's tokens otherwise lack (see DevNote).
+* ``shapes``: a white image holds one coloured shape (the target) and a few gray shapes (distractors) of other
+  kinds. A question names the target by one attribute and asks for the other ("What color is the triangle?", "What
+  shape is the red object?"); the answer is one word from a closed set. The target is readable in the global view
+  too, so this task does not need a closer look.
 
 Written into ``out_dir`` (paths inside the JSON files are relative to it, as LLaMA-Factory's ``media_dir``
 expects):
@@ -45,7 +55,12 @@ COLORS = {
     "purple": (140, 60, 180),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
-ANSWERS = (*COLORS, *SHAPES)
+PATTERNS = ("horizontal", "vertical", "checkered")
+"""The detail task's answers: lines along x, lines along y, or a checkerboard, in the target's colour and a dark shade
+of it."""
+DETAIL_COLORS = ("red", "green", "blue", "purple")
+"""Target colours of the detail task (yellow is left out: its stripes average close to the coded background)."""
+ANSWERS = (*COLORS, *SHAPES, *PATTERNS)
 GRAY = (150, 150, 150)
 BACKGROUND = (255, 255, 255)
 NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")
@@ -54,6 +69,8 @@ CROP_MARGIN = 1  # cells added on each side of the target's cell box, as the two
 OBJECT_GAP = 2  # minimum free pixels between two objects
 KINDS = ("region", "reencode", "plain")
 QUESTIONS = ("color", "shape")  # ask for the target's colour (named by its shape), or its shape (named by its colour)
+TASKS = ("detail", "shapes")
+DARK_SHADE = 0.3  # the detail target's second colour: its colour times this
 ROLES = ("user", "assistant")
 
 
@@ -67,6 +84,10 @@ class Options:
     """The options of `generate`; scripts/make_synthetic_data.py makes a flag of each, with its help text."""
 
     seed: int = _option(0, "random seed; the same seed and options give byte-identical JSON files")
+    task: str = _option(
+        "shapes", "detail: read a fine pattern on the one coloured square (needs the full-resolution crop); "
+        "shapes: name the colour or shape of the one coloured shape (readable in the global view)"
+    )
     train_size: int = _option(1000, "scenes (and records per vpt mixture file) in the training split")
     test_size: int = _option(200, "scenes (and records per test file) in the test split")
     alignment_size: int = _option(
@@ -82,7 +103,13 @@ class Options:
     reencode_ratio: float = _option(0.4, "share of re-encoding records in the vpt mixtures")
     plain_ratio: float = _option(0.2, "share of plain question-answer records in the vpt mixtures")
     questions: str = _option(
-        "color,shape", "question kinds, comma-separated: color (named by shape), shape (named by colour)"
+        "color,shape", "shapes task: question kinds, comma-separated: color (named by shape), shape (named by colour)"
+    )
+    pattern_period: int = _option(
+        2, "detail task: repeat of the target's pattern in pixels, even (a downscale by this factor averages it away)"
+    )
+    background_code: int = _option(
+        24, "detail task: per-cell step of the coordinate-coded background (0: white background)"
     )
 
     def __post_init__(self):
@@ -96,6 +123,10 @@ class Options:
             raise ValueError(
                 f"object_size must be in (0, {self.grid / 2:g}] cells (grid / 2) and give objects of at least 6 pixels"
             )
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task == "detail":
+            self._check_detail()
         kinds = self.questions.split(",")
         if not kinds or not set(kinds) <= set(QUESTIONS):
             raise ValueError(f"questions must be a comma-separated subset of {','.join(QUESTIONS)}, got {self.questions!r}")
@@ -103,12 +134,27 @@ class Options:
         if min(ratios) < 0 or sum(ratios) <= 0:
             raise ValueError("record-kind ratios must be >= 0 with a positive sum")
 
+    def _check_detail(self) -> None:
+        cell = self.image_size // self.grid
+        if self.pattern_period < 2 or self.pattern_period % 2:
+            raise ValueError(f"detail task: pattern_period must be even and >= 2, got {self.pattern_period}")
+        if self.image_size % self.grid or cell % self.pattern_period:
+            raise ValueError(
+                f"detail task: image_size must be a multiple of grid ({self.grid}) whose cells hold whole pattern "
+                f"periods (cell side divisible by pattern_period {self.pattern_period}); "
+                f"got image_size {self.image_size}"
+            )
+        if not 0 <= self.background_code * (self.grid - 1) <= 200:
+            raise ValueError(f"background_code must be in 0..{200 // (self.grid - 1)} so every cell stays light")
+
 
 @dataclass(frozen=True)
 class Item:
     shape: str
     color: str  # a COLORS key or "gray"
     box: tuple[int, int, int, int]  # pixels, right and bottom exclusive
+    pattern: str = ""  # a PATTERNS entry, or "" for a flat fill
+    period: int = 2  # the pattern repeats every `period` pixels (lines of period / 2)
 
 
 @dataclass(frozen=True)
@@ -119,6 +165,8 @@ class Scene:
     distractors: tuple[Item, ...]
     question: str
     answer: str
+    background_code: int = 0  # per-cell step of the coordinate-coded background (0: white)
+    grid: int = GRID_SIZE
 
 
 def _place(rng: random.Random, taken: list[tuple[int, int, int, int]], options: Options):
@@ -156,6 +204,8 @@ def _layout(rng: random.Random, count: int, options: Options) -> list[tuple[int,
 def make_scene(options: Options, split: str, index: int) -> Scene:
     """Scene ``index`` of ``split``; it depends only on the seed, the drawing options, the split and the index."""
     rng = random.Random(f"{options.seed}/{split}/{index}")
+    if options.task == "detail":
+        return _detail_scene(rng, options, split, index)
     shape, color = rng.choice(SHAPES), rng.choice(tuple(COLORS))
     other_shapes = [s for s in SHAPES if s != shape]  # the target is the only object of its shape
     specs = [(shape, color)] + [(rng.choice(other_shapes), "gray") for _ in range(options.distractors)]
@@ -168,6 +218,58 @@ def make_scene(options: Options, split: str, index: int) -> Scene:
         question, answer = f"What shape is the {color} object?", shape
     path = f"images/{split}_{index:06d}.png"
     return Scene(path, options.image_size, target, tuple(distractors), question, answer)
+
+
+def _detail_scene(rng: random.Random, options: Options, split: str, index: int) -> Scene:
+    """A detail-task scene: the target and the distractors fill distinct, randomly drawn grid cells."""
+    cells = rng.sample(range(options.grid * options.grid), 1 + options.distractors)
+    side = options.image_size // options.grid
+    boxes = [(c % options.grid * side, c // options.grid * side) for c in cells]
+    boxes = [(x, y, x + side, y + side) for x, y in boxes]
+    color, pattern = rng.choice(DETAIL_COLORS), rng.choice(PATTERNS)
+    target = Item("square", color, boxes[0], pattern, options.pattern_period)
+    distractors = tuple(Item("square", "gray", box) for box in boxes[1:])
+    path = f"images/{split}_{index:06d}.png"
+    question = f"What pattern is on the {color} square?"
+    return Scene(
+        path, options.image_size, target, distractors, question, pattern, options.background_code, options.grid
+    )
+
+
+def _pattern_mask(item: Item) -> Image.Image:
+    """The lines of ``item.pattern`` as a mask over its box: 255 where the item's colour goes, 0 for its dark shade."""
+    x0, y0, x1, y1 = item.box
+    mask = Image.new("L", (x1 - x0, y1 - y0), 0)
+    lines = ImageDraw.Draw(mask)
+    p = item.period // 2
+    for i in range(0, max(x1 - x0, y1 - y0), 2 * p):
+        if item.pattern in ("vertical", "checkered"):
+            lines.rectangle((i, 0, i + p - 1, y1 - y0), fill=255)
+        if item.pattern == "horizontal":
+            lines.rectangle((0, i, x1 - x0, i + p - 1), fill=255)
+    if item.pattern == "checkered":  # swap the stripes of every other row band
+        band = Image.eval(mask, lambda v: 255 - v)
+        for j in range(p, y1 - y0, 2 * p):
+            mask.paste(band.crop((0, j, x1 - x0, j + p)), (0, j))
+    return mask
+
+
+def _draw_patterned(image: Image.Image, item: Item) -> None:
+    color = COLORS[item.color]
+    dark = tuple(round(c * DARK_SHADE) for c in color)
+    x0, y0, x1, y1 = item.box
+    tile = Image.new("RGB", (x1 - x0, y1 - y0), dark)
+    tile.paste(Image.new("RGB", tile.size, color), (0, 0), _pattern_mask(item))
+    image.paste(tile, (x0, y0))
+
+
+def _draw_background(draw: ImageDraw.ImageDraw, scene: Scene) -> None:
+    """The coordinate-coded board: cell (x, y) is (255 - code * x, 255 - code * y, 255)."""
+    side = scene.size // scene.grid
+    for y in range(scene.grid):
+        for x in range(scene.grid):
+            fill = (255 - scene.background_code * x, 255 - scene.background_code * y, 255)
+            draw.rectangle((x * side, y * side, (x + 1) * side - 1, (y + 1) * side - 1), fill=fill)
 
 
 def _draw_item(draw: ImageDraw.ImageDraw, item: Item) -> None:
@@ -188,14 +290,21 @@ def _draw_item(draw: ImageDraw.ImageDraw, item: Item) -> None:
 def render(scene: Scene, out_dir: Path) -> None:
     image = Image.new("RGB", (scene.size, scene.size), BACKGROUND)
     draw = ImageDraw.Draw(image)
+    if scene.background_code:
+        _draw_background(draw, scene)
     for item in (scene.target, *scene.distractors):
-        _draw_item(draw, item)
+        if item.pattern:
+            _draw_patterned(image, item)
+        else:
+            _draw_item(draw, item)
     image.save(out_dir / scene.path, compress_level=1)
 
 
 def describe(scene: Scene) -> str:
     """The alignment answer, e.g. "A red triangle and three gray shapes: two circles and a square."."""
     head = f"A {scene.target.color} {scene.target.shape}"
+    if scene.target.pattern:
+        head += f" with {scene.target.pattern} lines"
     if not scene.distractors:
         return head + "."
     counts = Counter(d.shape for d in scene.distractors)
@@ -276,6 +385,7 @@ def target_meta(scene: Scene, grid: int) -> dict:
         "answer": scene.answer,
         "shape": scene.target.shape,
         "color": scene.target.color,
+        "pattern": scene.target.pattern,
         "box": list(scene.target.box),
         "cells": list(target_cells(scene, grid)),
     }
@@ -322,7 +432,9 @@ def generate(out_dir: str | os.PathLike, **options) -> dict:
         write_json(out / f"{name}.json", records)
     meta = {
         "options": asdict(opts),
-        "answers": {"color": list(COLORS), "shape": list(SHAPES)},
+        "answers": (
+            {"pattern": list(PATTERNS)} if opts.task == "detail" else {"color": list(COLORS), "shape": list(SHAPES)}
+        ),
         "targets": {s.path: target_meta(s, opts.grid) for s in test},
     }
     write_json(out / "synthetic_meta.json", meta)
