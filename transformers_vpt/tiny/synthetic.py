@@ -8,8 +8,9 @@ Two tasks (``--task``):
   (horizontal or vertical lines, or a checkerboard, repeating every ``pattern_period`` pixels), and a few cells
   hold flat gray squares (distractors). "What pattern is on the red square?" At the resolution round 1 sees (the
   scene downscaled by two) the three patterns average to the same flat colour, so the global view cannot tell them
-  apart; the crop that a region selection cuts from the full-resolution image shows the lines natively. The background code gives every
-  image token its absolute position, which the tiny model's tokens otherwise lack (see DevNote).
+  apart; the crop that a region selection cuts from the full-resolution image shows the lines natively. The
+  background code gives every image token its absolute position, which the tiny model's tokens otherwise lack (see
+  DevNote).
 * ``shapes``: a white image holds one coloured shape (the target) and a few gray shapes (distractors) of other
   kinds. A question names the target by one attribute and asks for the other ("What color is the triangle?", "What
   shape is the red object?"); the answer is one word from a closed set. The target is readable in the global view
