@@ -437,6 +437,31 @@ def test_region_token_accuracy(data, models, tmp_path):
     assert load(tmp_path / "out/action_usage.json")["vpt"]["VSR_region_test"]["region_accuracy"]["total"] == 1
 
 
+def test_oracle_replays_the_records_round_one(models, tmp_path):
+    """--oracle: round 2 runs on each record's own ground-truth round-1 turn, whatever the model would generate;
+    records without one are problems; the setting is part of what a rerun is checked against."""
+    data_dir = tmp_path / "data"
+    (data_dir / "images").mkdir(parents=True)
+    for k in range(3):
+        draw(data_dir / f"images/{k}.png", k)
+    records = [
+        region_record("Where is [o0]?", "red", "images/0.png"),
+        action_record("Where is [o1]?", "blue", "images/1.png"),
+        record(["<image>\nWhere is [o2]?", "green"], ["images/2.png"]),  # one round: nothing to replay
+    ]
+    (data_dir / "mixed_test.json").write_text(json.dumps(records))
+    model_dir, _ = models["vpt"]
+    out = tmp_path / "out"
+    results, _ = ev.evaluate(eval_config(data_dir, out, model_dir, extra=["--oracle"]))
+    answers = load(out / "vpt/mixed_test/final_answers.json")
+    assert [(a["round1_text"], a["action"]) for a in answers] == [(SPAN_A, "region"), (DET.action_triple, "dino")]
+    problems = load(out / "vpt/mixed_test/problems.json")
+    assert [(p["index"], "no first assistant turn" in p["problem"]) for p in problems] == [(2, True)]
+    assert load(out / "vpt/mixed_test/settings.json")["oracle"] is True
+    with pytest.raises(ev.ConfigError, match="other settings \\(oracle\\)"):
+        ev.evaluate(eval_config(data_dir, out, model_dir))
+
+
 def test_trigger_modes():
     question = f"<image>\nWhat is it? \n{REGION_TRIGGER}"
     assert prompt_for_mode(question, "keep") == question

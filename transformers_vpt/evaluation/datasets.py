@@ -73,6 +73,8 @@ class Item:
         image: ``images[0]`` as written in the record (the key of a region meta file).
         image_path: ``image`` resolved against the media directory (a ``_x0,y0,x1,y1`` crop suffix is kept).
         reference: The ground truth, ``metrics.ground_truth(messages)``.
+        round1: The record's first assistant turn when a user turn follows it (a two-round record: its ground-truth
+            perception tokens, what ``--oracle`` replays), else None.
     """
 
     index: int
@@ -80,6 +82,7 @@ class Item:
     image: str
     image_path: str
     reference: str
+    round1: str | None = None
 
 
 def find_datasets(data_dir: str | os.PathLike, names: list[str] | None = None) -> dict[str, Path]:
@@ -174,7 +177,8 @@ def make_item(index: int, record: Any, media_dir: str | os.PathLike) -> Item:
         raise BrokenRecord(str(error)) from error
     if box is not None and (box[2] > width or box[3] > height):
         raise BrokenRecord(f"crop box {box} lies outside the {width}x{height} image {real_path}")
-    return Item(index, question, images[0], image_path, reference)
+    two_rounds = len(messages) >= 4 and messages[1]["role"] == "assistant" and messages[2]["role"] == "user"
+    return Item(index, question, images[0], image_path, reference, messages[1]["content"] if two_rounds else None)
 
 
 def prepare_items(

@@ -120,6 +120,7 @@ class EvalConfig:
     judge_score_rule: str | None = None
     region_meta: str | None = None
     protocol: str = "project"
+    oracle: bool = False
 
     def score_rule(self) -> str:
         """The judge score rule: the one given, else ``upstream`` with ``--protocol released``, else ``strict``."""
@@ -312,6 +313,14 @@ line on stderr naming the problem (--debug shows the traceback).""",
         "to upstream. Part of the settings a rerun is checked against" + _default("protocol"),
     )
     inference.add_argument(
+        "--oracle",
+        action=argparse.BooleanOptionalAction,
+        help="VPT models: instead of generating round 1, replay each record's own first assistant turn (its "
+        "ground-truth region or re-encoding tokens), so round 2 answers from the crop or features the record asks "
+        "for: the ceiling of the second round. Records without such a turn are listed as problems; plain baselines "
+        "are unaffected. Part of the settings a rerun is checked against (default: off)",
+    )
+    inference.add_argument(
         "--device",
         help="cpu, cuda or cuda:N (default: cuda when available); under torchrun/accelerate cuda means "
         "cuda:LOCAL_RANK",
@@ -493,6 +502,7 @@ class Evaluator:
             "kind": model.kind,
             "mode": "free" if model.kind == "baseline" else self.config.mode,
             **({"protocol": self.config.protocol} if model.kind == "vpt" else {}),
+            **({"oracle": True} if self.config.oracle and model.kind == "vpt" else {}),
             "max_image_side": self.config.max_image_side,
             "dtype": self.config.dtype,
             "generation": self.generation,
@@ -706,6 +716,12 @@ class Evaluator:
 
     def _generate(self, runner, loaded, mode: str, problems: list[dict]) -> list[dict[str, Any]]:
         """Answers of loaded items, each sampled with its own seed (``seed + index``, whatever the batch)."""
+        oracle = self.config.oracle and runner.two_rounds
+        if oracle:
+            for item, _ in loaded:
+                if item.round1 is None:
+                    self._problem(problems, item, "--oracle: the record has no first assistant turn to replay")
+            loaded = [(item, image) for item, image in loaded if item.round1 is not None]
         if not loaded:
             return []
         prompts = [prompt_for_mode(item.question, mode) for item, _ in loaded]
@@ -720,6 +736,7 @@ class Evaluator:
                 seeds=[self.config.seed + item.index for item, _ in loaded],
                 on_error="record",
                 protocol=self.config.protocol,  # the one-round baseline does not route: no effect there
+                round1_texts=[item.round1 for item, _ in loaded] if oracle else None,
             )
         except Exception as error:  # the pipeline keeps per-record errors; anything else: retry the items alone
             if len(loaded) == 1:
