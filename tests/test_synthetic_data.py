@@ -66,6 +66,21 @@ def test_dataset_info_points_at_files(out):
         assert len(json.loads((out_dir / entry["file_name"]).read_text())) == summary["datasets"][name]
 
 
+def test_plain_train_split_asks_the_mixture_questions(out):
+    """The baseline's split: each training scene's question, answered directly, as in the VPT mixtures."""
+    out_dir, _ = out
+    data = load_all(out_dir)
+    plain = data["synthetic_plain_train"]
+    mixture = data["synthetic_vpt_dino_train"]
+    assert len(plain) == len(mixture) == OPTIONS["train_size"]
+    for p, m in zip(plain, mixture):
+        assert p["images"] == m["images"][:1]
+        assert [t["role"] for t in p["messages"]] == ["user", "assistant"]
+        assert p["messages"][1]["content"] == m["messages"][-1]["content"]  # the same answer
+        question = p["messages"][0]["content"].removeprefix("<image>\n")
+        assert m["messages"][0]["content"].startswith(f"<image>\n{question}")
+
+
 def test_record_format(out):
     out_dir, _ = out
     for name, records in load_all(out_dir).items():
@@ -237,27 +252,12 @@ def test_detail_patterns_differ_in_full_resolution_and_average_out_at_half(tmp_p
     assert len(set(half["vertical"])) == 3  # one flat colour: its three channel values
 
 
-def test_detail_background_codes_the_cell_position(tmp_path):
-    scene = _scene_with("vertical", background_code=20, distractors=0)
-    synth.render(scene, tmp_path)
-    image = Image.open(tmp_path / scene.path)
-    side = DETAIL["image_size"] // GRID_SIZE
-    tx, ty = scene.target.box[0] // side, scene.target.box[1] // side
-    for x, y in [(0, 0), (7, 0), (3, 5), (7, 7)]:
-        if (x, y) != (tx, ty):
-            assert image.getpixel((x * side + side // 2, y * side + 3)) == (255 - 20 * x, 255 - 20 * y, 255)
-    white = _scene_with("vertical", background_code=0, distractors=0)
-    synth.render(white, tmp_path)
-    assert Image.open(tmp_path / white.path).getpixel((0, 0)) == synth.BACKGROUND
-
-
 @pytest.mark.parametrize(
     "options, message",
     [
         ({"pattern_period": 3}, "pattern_period must be even"),
         ({"image_size": 220}, "multiple of grid"),
         ({"distractors": 13}, "distractors must be in 0..12"),
-        ({"background_code": 40}, "background_code must be in"),
         ({"task": "count"}, "task must be one of detail, shapes"),
     ],
 )

@@ -13,9 +13,23 @@ Run from the repository root: ``python configs/tiny/make_tiny.py``, then e.g.
 from __future__ import annotations
 
 import argparse
+import json
 
-from transformers_vpt.models.bases import VPT_BASES
+import torch
+
+from transformers_vpt.models.bases import VPT_BASES, get_base
 from transformers_vpt.tiny.sources import make_tiny
+
+
+def text_field(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--text-config``; VALUE is read as JSON (10, 1e4, true, [2, 3, 3]) or else kept as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,6 +42,9 @@ def main(argv: list[str] | None = None) -> None:
         help="the base of the tiny VPT model: " + ", ".join(f"{n} ({b.label})" for n, b in VPT_BASES.items())
         + " (default: qwen2_vl)",
     )
+    parser.add_argument(
+        "--seed", type=int, metavar="N", help="seed of the random weights (default: torch's unseeded random state)"
+    )
     parser.add_argument("--bin", action="store_true", help="save the source models as pytorch_model.bin")
     parser.add_argument(
         "--data",
@@ -35,8 +52,26 @@ def main(argv: list[str] | None = None) -> None:
         default=True,
         help="also write the tiny synthetic dataset into OUT_DIR/data (--no-data: the models only)",
     )
+    parser.add_argument(
+        "--text-config",
+        type=text_field,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the tiny text config, repeatable (the demo: rope_theta=10, so that M-RoPE's "
+        "height and width frequencies tell the tiny model's image tokens apart)",
+    )
     args = parser.parse_args(argv)
-    for name, path in make_tiny(args.out_dir, safe_serialization=not args.bin, data=args.data, base=args.base).items():
+    text_config = dict(args.text_config)
+    known = get_base(args.base).stock_model_class.config_class.sub_configs["text_config"]().to_dict()
+    if unknown := sorted(set(text_config) - set(known)):
+        parser.error(f"--text-config: {', '.join(unknown)} is not a field of the {args.base} text config")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    made = make_tiny(
+        args.out_dir, safe_serialization=not args.bin, data=args.data, base=args.base, text_config=text_config
+    )
+    for name, path in made.items():
         print(f"{name}: {path}")
 
 

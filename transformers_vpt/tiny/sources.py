@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from transformers import BitImageProcessor, Dinov2Config, Dinov2Model, SamConfig, SamImageProcessor, SamModel
 
 from ..models.bases import get_base
 from ..weights import prepare_weights
 from .assemble import build_tiny_base
-from .model import TINY_DINO, TINY_SAM
+from .model import TINY_BASES, TINY_DINO, TINY_SAM
 from .processor import TINY_DETECTION_PROCESSOR_CONFIG, TINY_SEG_PROCESSOR_CONFIG
 from .synthetic import generate
 
@@ -35,11 +36,15 @@ TINY_SAM_DECODER = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_he
 
 
 def build_sources(
-    out_dir: str | os.PathLike, safe_serialization: bool = True, base: str = "qwen2_vl"
+    out_dir: str | os.PathLike,
+    safe_serialization: bool = True,
+    base: str = "qwen2_vl",
+    text_config: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Tiny random source models as the real ones are published; returns their directories by kind: ``base`` (its
     name, e.g. ``"qwen2_vl"``: the stock model of `build_tiny_base`, in ``qwen2-vl`` / ``qwen2.5-vl``), ``"dino"``
-    and ``"sam"``."""
+    and ``"sam"``. ``text_config`` overrides fields of the base's tiny text config (e.g. ``{"rope_theta": 10.0}``,
+    the demo's)."""
     out = Path(out_dir)
     dirs = {base: out / get_base(base).label.lower(), "dino": out / "dinov2", "sam": out / "sam"}
 
@@ -51,6 +56,7 @@ def build_sources(
         safe_serialization=safe_serialization,
         eos_token_id=None,
         pad_token_id=None,
+        **({"text_config": {**TINY_BASES[base][2], **text_config}} if text_config else {}),
     )
 
     Dinov2Model(Dinov2Config(**TINY_DINO)).save_pretrained(dirs["dino"], safe_serialization=safe_serialization)
@@ -65,12 +71,17 @@ def build_sources(
 
 
 def make_tiny(
-    out_dir: str | os.PathLike, safe_serialization: bool = True, data: bool = True, base: str = "qwen2_vl"
+    out_dir: str | os.PathLike,
+    safe_serialization: bool = True,
+    data: bool = True,
+    base: str = "qwen2_vl",
+    text_config: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Sources, the VPT checkpoint of ``base`` and (with ``data``) the dataset (see the module docstring); returns
-    their directories (the keys of `build_sources`, ``"model"`` and ``"data"``)."""
+    their directories (the keys of `build_sources`, ``"model"`` and ``"data"``). ``text_config``: see
+    `build_sources`; the VPT checkpoint inherits it."""
     out = Path(out_dir)
-    sources = build_sources(out / "sources", safe_serialization, base=base)
+    sources = build_sources(out / "sources", safe_serialization, base=base, text_config=text_config)
     prepare_weights(
         sources[base],
         out / "vpt-init",

@@ -2,15 +2,13 @@
 
 Two tasks (``--task``):
 
-* ``detail`` (the demo's): a fine-detail question that needs a closer look. The scene is an 8x8 board whose cells
-  have a coordinate-coded background (red falls with the column, green with the row); one cell holds a coloured
-  square (the target: the only coloured object, easy to *find* at any resolution) striped with a fine pattern
-  (horizontal or vertical lines, or a checkerboard, repeating every ``pattern_period`` pixels), and a few cells
-  hold flat gray squares (distractors). "What pattern is on the red square?" At the resolution round 1 sees (the
-  scene downscaled by two) the three patterns average to the same flat colour, so the global view cannot tell them
-  apart; the crop that a region selection cuts from the full-resolution image shows the lines natively. The
-  background code gives every image token its absolute position, which the tiny model's tokens otherwise lack (see
-  DevNote).
+* ``detail`` (the demo's): a fine-detail question that needs a closer look. The scene is a white 8x8 board; one
+  cell, anywhere, holds a coloured square (the target: the only coloured object, easy to *find* at any resolution)
+  striped with a fine pattern (horizontal or vertical lines, or a checkerboard, repeating every ``pattern_period``
+  pixels), and a few other cells hold flat gray squares (distractors). "What pattern is on the red square?" At the
+  resolution round 1 sees (the scene downscaled by two) the three patterns average to the same flat colour, so the
+  global view cannot tell them apart; the crop that a region selection cuts from the full-resolution image shows
+  the lines natively.
 * ``shapes``: a white image holds one coloured shape (the target) and a few gray shapes (distractors) of other
   kinds. A question names the target by one attribute and asks for the other ("What color is the triangle?", "What
   shape is the red object?"); the answer is one word from a closed set. The target is readable in the global view
@@ -23,6 +21,8 @@ expects):
 * ``synthetic_alignment_{detection,seg}_train.json``: DINO / SAM alignment (describe the scene from the extra
   features only);
 * ``synthetic_vpt_{dino,sam,clip}_train.json``: region, re-encoding (that branch) and plain records, mixed;
+* ``synthetic_plain_train.json``: every training scene's question as a plain record (a baseline without perception
+  tokens trains on the same images and questions);
 * ``synthetic_{region,action,plain}_test.json``: the same test questions as region, re-encoding (DINO triple) and
   plain conversations;
 * ``synthetic_meta.json``: per test image, the target's pixel box, grid-cell box and answer, for region scoring;
@@ -60,7 +60,7 @@ PATTERNS = ("horizontal", "vertical", "checkered")
 """The detail task's answers: lines along x, lines along y, or a checkerboard, in the target's colour and a dark shade
 of it."""
 DETAIL_COLORS = ("red", "green", "blue", "purple")
-"""Target colours of the detail task (yellow is left out: its stripes average close to the coded background)."""
+"""Target colours of the detail task (yellow is left out: its light stripes are hard to tell from the white board)."""
 ANSWERS = (*COLORS, *SHAPES, *PATTERNS)
 GRAY = (150, 150, 150)
 BACKGROUND = (255, 255, 255)
@@ -109,9 +109,6 @@ class Options:
     pattern_period: int = _option(
         2, "detail task: repeat of the target's pattern in pixels, even (a downscale by this factor averages it away)"
     )
-    background_code: int = _option(
-        24, "detail task: per-cell step of the coordinate-coded background (0: white background)"
-    )
 
     def __post_init__(self):
         if min(self.train_size, self.test_size, self.alignment_size) < 0:
@@ -145,8 +142,6 @@ class Options:
                 f"periods (cell side divisible by pattern_period {self.pattern_period}); "
                 f"got image_size {self.image_size}"
             )
-        if not 0 <= self.background_code * (self.grid - 1) <= 200:
-            raise ValueError(f"background_code must be in 0..{200 // (self.grid - 1)} so every cell stays light")
 
 
 @dataclass(frozen=True)
@@ -166,8 +161,6 @@ class Scene:
     distractors: tuple[Item, ...]
     question: str
     answer: str
-    background_code: int = 0  # per-cell step of the coordinate-coded background (0: white)
-    grid: int = GRID_SIZE
 
 
 def _place(rng: random.Random, taken: list[tuple[int, int, int, int]], options: Options):
@@ -232,9 +225,7 @@ def _detail_scene(rng: random.Random, options: Options, split: str, index: int) 
     distractors = tuple(Item("square", "gray", box) for box in boxes[1:])
     path = f"images/{split}_{index:06d}.png"
     question = f"What pattern is on the {color} square?"
-    return Scene(
-        path, options.image_size, target, distractors, question, pattern, options.background_code, options.grid
-    )
+    return Scene(path, options.image_size, target, distractors, question, pattern)
 
 
 def _pattern_mask(item: Item) -> Image.Image:
@@ -264,15 +255,6 @@ def _draw_patterned(image: Image.Image, item: Item) -> None:
     image.paste(tile, (x0, y0))
 
 
-def _draw_background(draw: ImageDraw.ImageDraw, scene: Scene) -> None:
-    """The coordinate-coded board: cell (x, y) is (255 - code * x, 255 - code * y, 255)."""
-    side = scene.size // scene.grid
-    for y in range(scene.grid):
-        for x in range(scene.grid):
-            fill = (255 - scene.background_code * x, 255 - scene.background_code * y, 255)
-            draw.rectangle((x * side, y * side, (x + 1) * side - 1, (y + 1) * side - 1), fill=fill)
-
-
 def _draw_item(draw: ImageDraw.ImageDraw, item: Item) -> None:
     x0, y0, x1, y1 = item.box
     right, bottom = x1 - 1, y1 - 1
@@ -291,8 +273,6 @@ def _draw_item(draw: ImageDraw.ImageDraw, item: Item) -> None:
 def render(scene: Scene, out_dir: Path) -> None:
     image = Image.new("RGB", (scene.size, scene.size), BACKGROUND)
     draw = ImageDraw.Draw(image)
-    if scene.background_code:
-        _draw_background(draw, scene)
     for item in (scene.target, *scene.distractors):
         if item.pattern:
             _draw_patterned(image, item)
@@ -425,6 +405,7 @@ def generate(out_dir: str | os.PathLike, **options) -> dict:
         datasets[f"synthetic_vpt_{branch}_train"] = [
             train_record(s, k, branch, opts.grid) for k, s in zip(kinds, train)
         ]
+    datasets["synthetic_plain_train"] = [plain_record(s) for s in train[: opts.train_size]]  # the baseline's
     datasets["synthetic_region_test"] = [region_record(s, opts.grid) for s in test]
     datasets["synthetic_action_test"] = [reencode_record(s, "dino") for s in test]
     datasets["synthetic_plain_test"] = [plain_record(s) for s in test]
