@@ -1,6 +1,7 @@
-"""The demo (`scripts/demo.sh`) end to end at its smallest size: data, tiny model, both training stages through
-`llamafactory-cli train`, the two-round evaluation of the untrained and the trained model, and the report; on the
-default base and on Qwen3-VL (`--base qwen3_vl`)."""
+"""The demo (`scripts/demo.sh`) end to end at its smallest size: detail-task data, tiny model, both VPT training
+stages and the baseline through `llamafactory-cli train`, the two-round evaluation of the VPT model, the one-round
+baseline, the oracle, and the report (report.json figures, examples picture); on the default base and on Qwen3-VL
+(`--base qwen3_vl`)."""
 
 import json
 import os
@@ -35,18 +36,30 @@ def test_quick_demo_runs_every_stage_and_reports(base, tmp_path):
     assert f"template {template})" in result.stdout
     assert "</think>" not in result.stdout  # no empty thinking block in the training labels LLaMA-Factory prints
 
-    for stage in ("alignment", "instruction"):
+    for stage in ("alignment", "instruction", "baseline"):
         assert (out / "runs" / stage / "model.safetensors").is_file(), stage
+    # The baseline is the stock tiny base (no perception tokens), trained with the stock template.
+    assert json.loads((out / "runs" / "baseline" / "config.json").read_text())["model_type"] == entry.name
     report = json.loads((out / "report.json").read_text())
-    assert set(report["models"]) == {"before", "after"}
-    assert report["datasets"] == ["synthetic_region_test", "synthetic_action_test", "synthetic_plain_test"]
-    for model in report["models"].values():
-        assert all(0.0 <= value <= 1.0 for value in model["answer_accuracy"].values())
-        assert sum(model["actions"]["synthetic_region_test"].values()) == 4  # every test record answered
-    assert all(len(report["losses"][stage]) >= 1 for stage in ("alignment", "instruction"))
-    for name in ("loss.png", "scores.png", "report.md"):
+    splits = ["synthetic_region_test", "synthetic_action_test", "synthetic_plain_test"]
+    assert list(report["splits"]) == splits
+    for split, row in report["splits"].items():
+        assert set(row) == {"baseline_accuracy", "vpt_accuracy", "oracle_accuracy", "region_accuracy"}
+        assert all(0.0 <= row[key] <= 1.0 for key in ("baseline_accuracy", "vpt_accuracy")), split
+        assert (row["oracle_accuracy"] is None) == (split == "synthetic_plain_test"), split
+        assert (row["region_accuracy"] is None) == (split != "synthetic_region_test"), split
+    assert 0.0 < report["duration_s"] < 900
+    for name in ("vpt", "baseline"):
+        assert sum(report["actions"][name]["synthetic_region_test"].values()) == 4  # every test record answered
+    assert set(report["actions"]["baseline"]["synthetic_region_test"]) == {"none"}  # one round, always
+    oracle = json.loads((out / "evaluation-oracle" / "vpt" / "synthetic_region_test" / "final_answers.json").read_text())
+    region_test = json.loads((out / "data" / "synthetic_region_test.json").read_text())
+    assert [a["round1_text"] for a in oracle] == [r["messages"][1]["content"] for r in region_test]
+    assert all(len(report["losses"][stage]) >= 1 for stage in ("alignment", "instruction", "baseline"))
+    for name in ("loss.png", "scores.png", "examples.png", "report.md"):
         assert (out / name).stat().st_size > 0, name
-    assert "| answer accuracy, synthetic_region_test |" in result.stdout  # the report is printed
+    assert "![examples](examples.png)" in (out / "report.md").read_text()
+    assert "| test split | baseline (one round) | VPT (two rounds) |" in result.stdout  # the report is printed
     assert "Demo finished" in result.stdout
 
 

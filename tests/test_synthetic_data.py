@@ -249,7 +249,7 @@ def test_detail_patterns_differ_in_full_resolution_and_average_out_at_half(tmp_p
         half[pattern] = image.reduce(2).crop(tuple(v // 2 for v in scene.target.box)).tobytes()
     assert len(set(full.values())) == 3
     assert len(set(half.values())) == 1
-    assert len(set(half["vertical"])) == 3  # one flat colour: its three channel values
+    assert len(set(half["columns"])) == 3  # one flat colour: its three channel values
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,8 @@ Two tasks (``--task``):
 
 * ``detail`` (the demo's): a fine-detail question that needs a closer look. The scene is a white 8x8 board; one
   cell, anywhere, holds a coloured square (the target: the only coloured object, easy to *find* at any resolution)
-  striped with a fine pattern (horizontal or vertical lines, or a checkerboard, repeating every ``pattern_period``
-  pixels), and a few other cells hold flat gray squares (distractors). "What pattern is on the red square?" At the
+  striped with a fine pattern (``rows``: horizontal lines, ``columns``: vertical lines, or ``tiles``: a
+  checkerboard, repeating every ``pattern_period`` pixels), and a few other cells hold flat gray squares (distractors). "What pattern is on the red square?" At the
   resolution round 1 sees (the scene downscaled by two) the three patterns average to the same flat colour, so the
   global view cannot tell them apart; the crop that a region selection cuts from the full-resolution image shows
   the lines natively.
@@ -56,9 +56,11 @@ COLORS = {
     "purple": (140, 60, 180),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
-PATTERNS = ("horizontal", "vertical", "checkered")
-"""The detail task's answers: lines along x, lines along y, or a checkerboard, in the target's colour and a dark shade
-of it."""
+PATTERNS = ("rows", "columns", "tiles")
+"""The detail task's answers: horizontal lines, vertical lines, or a checkerboard, in the target's colour and a dark
+shade of it. Short words whose tokens do not repeat, so that the tiny model's answers are its decision, not its
+spelling (with the tiny character-level vocabulary, "checkered" and "vertical" share a "c" followed by different
+letters)."""
 DETAIL_COLORS = ("red", "green", "blue", "purple")
 """Target colours of the detail task (yellow is left out: its light stripes are hard to tell from the white board)."""
 ANSWERS = (*COLORS, *SHAPES, *PATTERNS)
@@ -235,11 +237,11 @@ def _pattern_mask(item: Item) -> Image.Image:
     lines = ImageDraw.Draw(mask)
     p = item.period // 2
     for i in range(0, max(x1 - x0, y1 - y0), 2 * p):
-        if item.pattern in ("vertical", "checkered"):
+        if item.pattern in ("columns", "tiles"):
             lines.rectangle((i, 0, i + p - 1, y1 - y0), fill=255)
-        if item.pattern == "horizontal":
+        if item.pattern == "rows":
             lines.rectangle((0, i, x1 - x0, i + p - 1), fill=255)
-    if item.pattern == "checkered":  # swap the stripes of every other row band
+    if item.pattern == "tiles":  # swap the stripes of every other row band
         band = Image.eval(mask, lambda v: 255 - v)
         for j in range(p, y1 - y0, 2 * p):
             mask.paste(band.crop((0, j, x1 - x0, j + p)), (0, j))
@@ -285,7 +287,7 @@ def describe(scene: Scene) -> str:
     """The alignment answer, e.g. "A red triangle and three gray shapes: two circles and a square."."""
     head = f"A {scene.target.color} {scene.target.shape}"
     if scene.target.pattern:
-        head += f" with {scene.target.pattern} lines"
+        head += f" in {scene.target.pattern}"
     if not scene.distractors:
         return head + "."
     counts = Counter(d.shape for d in scene.distractors)
