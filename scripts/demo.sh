@@ -42,14 +42,14 @@ if [ "$QUICK" = 1 ]; then
   ALIGN_STEPS=2 TRAIN_STEPS=3 TRAIN_ARGS=(logging_steps=1)
 else
   DATA=(--train-size 2000 --test-size 200 --alignment-size 320)
-  ALIGN_STEPS=20 TRAIN_STEPS=1400 TRAIN_ARGS=()
+  ALIGN_STEPS=20 TRAIN_STEPS=1200 TRAIN_ARGS=()
 fi
-# The task (transformers_vpt.tiny.synthetic, task "detail"): 224 px boards of 8x8 cells, given to round 1 at 112 px
-# (image_max_pixels of the configs), where the one-pixel lines of the target's pattern average away; the crop of a
-# region selection, cut from the 224 px original, shows them. Most training records select a region: that is the
-# skill the demo shows (the tiny model needs about a thousand steps of them to both localise and read the crop);
-# re-encoding and plain records keep the other paths trained.
-DATA+=(--task detail --image-size 224 --distractors 3 --region-ratio 0.8 --reencode-ratio 0.15 --plain-ratio 0.05)
+# The task (transformers_vpt.tiny.synthetic, task "detail"): 448 px boards of 8x8 cells, given to round 1 at 224 px
+# (image_resolution / max_image_side of the configs), where the one-pixel lines of the target's pattern vanish; the
+# crop of a region selection, cut from the 448 px original (168 px: the target's cell and a cell of margin), shows
+# them. Most training records select a region: that is the skill the demo shows; re-encoding and plain records keep
+# the other paths trained.
+DATA+=(--task detail --image-size 448 --distractors 3 --region-ratio 0.7 --reencode-ratio 0.2 --plain-ratio 0.1)
 TRAIN_ARGS+=(seed="$SEED")
 step() { printf '\n==> [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 SECONDS=0

@@ -1,13 +1,16 @@
 """transformers_vpt.tiny.synthetic and scripts/make_synthetic_data.py: the synthetic dataset, its records and crops."""
 
 import dataclasses
+import itertools
 import json
 import re
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from scripts import make_synthetic_data
+from transformers_vpt.images import fit_image
 from transformers_vpt.regions import cell_edges
 from transformers_vpt.tiny import synthetic as synth
 from transformers_vpt.vocabulary import BRANCH_TOKENS, GRID_SIZE, REENCODE_TRIGGER, REGION_TRIGGER
@@ -231,25 +234,48 @@ def test_detail_task_targets_one_cell_and_its_crop_shows_the_pattern(detail):
     assert len(cells_seen) > len(regions) // 2  # positions vary over the grid
 
 
+def test_detail_target_of_several_cells():
+    """``target_cells``: the target covers that many cells per side, its region span names them, distractors stay off
+    it."""
+    opts = synth.Options(**{**DETAIL, "target_cells": 2})
+    side = DETAIL["image_size"] // GRID_SIZE
+    corners = set()
+    for i in range(30):
+        scene = synth.make_scene(opts, "train", i)
+        x0, y0, x1, y1 = scene.target.box
+        assert (x1 - x0, y1 - y0) == (2 * side, 2 * side) and x1 <= DETAIL["image_size"] and y1 <= DETAIL["image_size"]
+        assert synth.target_cells(scene, GRID_SIZE) == (x0 // side, y0 // side, x0 // side + 1, y0 // side + 1)
+        for d in scene.distractors:
+            assert d.box[2] <= x0 or d.box[0] >= x1 or d.box[3] <= y0 or d.box[1] >= y1  # no overlap
+        corners.add((x0, y0))
+    assert len(corners) > 15
+    with pytest.raises(ValueError, match="target_cells must be in 1..4"):
+        synth.Options(**{**DETAIL, "target_cells": 5})
+
+
 def _scene_with(pattern: str, **options):
     opts = synth.Options(**{**DETAIL, **options})
     scene = synth.make_scene(opts, "test", 0)
     return dataclasses.replace(scene, target=dataclasses.replace(scene.target, pattern=pattern), path=f"{pattern}.png")
 
 
-def test_detail_patterns_differ_in_full_resolution_and_average_out_at_half(tmp_path):
-    """What makes the task need a closer look: the three patterns are distinct images, and a downscale by the pattern
-    period (a box average) turns all three into the same flat square."""
-    full, half = {}, {}
+@pytest.mark.parametrize("target_cells", [1, 2])
+def test_detail_patterns_differ_in_full_resolution_and_vanish_at_half(tmp_path, target_cells):
+    """What makes the task need a closer look: the three patterns are distinct images, and a downscale by two turns
+    all three into the same image: exactly with the released image rule (NEAREST, what a VPT template and the
+    evaluation apply), within rounding with a bicubic resize (a stock template's), edges included."""
+    full, half, nearest = {}, {}, {}
     for pattern in synth.PATTERNS:
-        scene = _scene_with(pattern)
+        scene = _scene_with(pattern, target_cells=target_cells)
         synth.render(scene, tmp_path)
         image = Image.open(tmp_path / scene.path)
-        full[pattern] = image.crop(scene.target.box).tobytes()
-        half[pattern] = image.reduce(2).crop(tuple(v // 2 for v in scene.target.box)).tobytes()
-    assert len(set(full.values())) == 3
-    assert len(set(half.values())) == 1
-    assert len(set(half["columns"])) == 3  # one flat colour: its three channel values
+        full[pattern] = np.asarray(image.crop(scene.target.box), dtype=int)
+        half[pattern] = np.asarray(image.resize((image.width // 2, image.height // 2), Image.BICUBIC), dtype=int)
+        nearest[pattern] = np.asarray(fit_image(image, image.width // 2), dtype=int)  # the released image rule
+    pairs = list(itertools.combinations(synth.PATTERNS, 2))
+    assert all(np.abs(full[a] - full[b]).mean() > 20 for a, b in pairs)
+    assert max(np.abs(half[a] - half[b]).max() for a, b in pairs) <= 2
+    assert all((nearest[a] == nearest[b]).all() for a, b in pairs)
 
 
 @pytest.mark.parametrize(

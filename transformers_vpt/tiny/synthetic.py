@@ -2,13 +2,13 @@
 
 Two tasks (``--task``):
 
-* ``detail`` (the demo's): a fine-detail question that needs a closer look. The scene is a white 8x8 board; one
-  cell, anywhere, holds a coloured square (the target: the only coloured object, easy to *find* at any resolution)
-  striped with a fine pattern (``rows``: horizontal lines, ``columns``: vertical lines, or ``tiles``: a
-  checkerboard, repeating every ``pattern_period`` pixels), and a few other cells hold flat gray squares (distractors). "What pattern is on the red square?" At the
-  resolution round 1 sees (the scene downscaled by two) the three patterns average to the same flat colour, so the
-  global view cannot tell them apart; the crop that a region selection cuts from the full-resolution image shows
-  the lines natively.
+* ``detail`` (the demo's): a fine-detail question that needs a closer look. The scene is a white 8x8 board; a
+  square of ``target_cells`` x ``target_cells`` cells, anywhere, is the target (the only coloured object, easy to
+  *find* at any resolution), striped with a fine pattern (``rows``: horizontal lines, ``columns``: vertical lines,
+  or ``tiles``: a checkerboard, repeating every ``pattern_period`` pixels); a few other cells hold flat gray squares
+  (distractors). "What pattern is on the red square?" At the resolution round 1 sees (the scene downscaled by two)
+  the three patterns average to the same flat colour, so the global view cannot tell them apart; the crop that a
+  region selection cuts from the full-resolution image shows the lines natively.
 * ``shapes``: a white image holds one coloured shape (the target) and a few gray shapes (distractors) of other
   kinds. A question names the target by one attribute and asks for the other ("What color is the triangle?", "What
   shape is the red object?"); the answer is one word from a closed set. The target is readable in the global view
@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import accumulate
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -74,6 +75,7 @@ KINDS = ("region", "reencode", "plain")
 QUESTIONS = ("color", "shape")  # ask for the target's colour (named by its shape), or its shape (named by its colour)
 TASKS = ("detail", "shapes")
 DARK_SHADE = 0.3  # the detail target's second colour: its colour times this
+PATTERN_TAPER = 4  # periods over which the detail pattern's contrast fades out towards the target's border
 ROLES = ("user", "assistant")
 
 
@@ -111,6 +113,7 @@ class Options:
     pattern_period: int = _option(
         2, "detail task: repeat of the target's pattern in pixels, even (a downscale by this factor averages it away)"
     )
+    target_cells: int = _option(1, "detail task: side of the target square in grid cells")
 
     def __post_init__(self):
         if min(self.train_size, self.test_size, self.alignment_size) < 0:
@@ -138,6 +141,8 @@ class Options:
         cell = self.image_size // self.grid
         if self.pattern_period < 2 or self.pattern_period % 2:
             raise ValueError(f"detail task: pattern_period must be even and >= 2, got {self.pattern_period}")
+        if not 1 <= self.target_cells <= self.grid // 2:
+            raise ValueError(f"detail task: target_cells must be in 1..{self.grid // 2}, got {self.target_cells}")
         if self.image_size % self.grid or cell % self.pattern_period:
             raise ValueError(
                 f"detail task: image_size must be a multiple of grid ({self.grid}) whose cells hold whole pattern "
@@ -217,44 +222,46 @@ def make_scene(options: Options, split: str, index: int) -> Scene:
 
 
 def _detail_scene(rng: random.Random, options: Options, split: str, index: int) -> Scene:
-    """A detail-task scene: the target and the distractors fill distinct, randomly drawn grid cells."""
-    cells = rng.sample(range(options.grid * options.grid), 1 + options.distractors)
-    side = options.image_size // options.grid
-    boxes = [(c % options.grid * side, c // options.grid * side) for c in cells]
-    boxes = [(x, y, x + side, y + side) for x, y in boxes]
+    """A detail-task scene: the target fills ``target_cells`` x ``target_cells`` grid cells anywhere on the board, the
+    distractors one free cell each, all drawn at random."""
+    grid, size, side = options.grid, options.target_cells, options.image_size // options.grid
+    tx, ty = rng.randrange(grid - size + 1), rng.randrange(grid - size + 1)
+    taken = {(tx + i, ty + j) for i in range(size) for j in range(size)}
+    free = [c for c in range(grid * grid) if (c % grid, c // grid) not in taken]
+    cells = [divmod(c, grid)[::-1] for c in rng.sample(free, options.distractors)]
     color, pattern = rng.choice(DETAIL_COLORS), rng.choice(PATTERNS)
-    target = Item("square", color, boxes[0], pattern, options.pattern_period)
-    distractors = tuple(Item("square", "gray", box) for box in boxes[1:])
+    target_box = (tx * side, ty * side, (tx + size) * side, (ty + size) * side)
+    target = Item("square", color, target_box, pattern, options.pattern_period)
+    distractors = tuple(Item("square", "gray", (x * side, y * side, (x + 1) * side, (y + 1) * side)) for x, y in cells)
     path = f"images/{split}_{index:06d}.png"
     question = f"What pattern is on the {color} square?"
     return Scene(path, options.image_size, target, distractors, question, pattern)
 
 
-def _pattern_mask(item: Item) -> Image.Image:
-    """The lines of ``item.pattern`` as a mask over its box: 255 where the item's colour goes, 0 for its dark shade."""
+def _pattern_sign(item: Item) -> np.ndarray:
+    """The lines of ``item.pattern`` over its box, (height, width): +1 where the item's colour goes, -1 for its dark
+    shade; lines are ``period / 2`` pixels wide."""
     x0, y0, x1, y1 = item.box
-    mask = Image.new("L", (x1 - x0, y1 - y0), 0)
-    lines = ImageDraw.Draw(mask)
-    p = item.period // 2
-    for i in range(0, max(x1 - x0, y1 - y0), 2 * p):
-        if item.pattern in ("columns", "tiles"):
-            lines.rectangle((i, 0, i + p - 1, y1 - y0), fill=255)
-        if item.pattern == "rows":
-            lines.rectangle((0, i, x1 - x0, i + p - 1), fill=255)
-    if item.pattern == "tiles":  # swap the stripes of every other row band
-        band = Image.eval(mask, lambda v: 255 - v)
-        for j in range(p, y1 - y0, 2 * p):
-            mask.paste(band.crop((0, j, x1 - x0, j + p)), (0, j))
-    return mask
+    y, x = np.mgrid[0 : y1 - y0, 0 : x1 - x0] // (item.period // 2) % 2
+    # The three agree on every line pair's second row and column (all dark there), the pixels a NEAREST downscale by
+    # the period keeps (`transformers_vpt.images.fit_image`, the released image rule): that view shows no pattern.
+    lines = {"rows": y == 0, "columns": x == 0, "tiles": x != y}[item.pattern]
+    return np.where(lines, 1.0, -1.0)
 
 
 def _draw_patterned(image: Image.Image, item: Item) -> None:
-    color = COLORS[item.color]
-    dark = tuple(round(c * DARK_SHADE) for c in color)
-    x0, y0, x1, y1 = item.box
-    tile = Image.new("RGB", (x1 - x0, y1 - y0), dark)
-    tile.paste(Image.new("RGB", tile.size, color), (0, 0), _pattern_mask(item))
-    image.paste(tile, (x0, y0))
+    """Fill the item's box with its pattern: its colour and a dark shade of it, around their mean. The pattern's
+    contrast fades to the mean over the outer ``PATTERN_TAPER`` periods of the box, so that a bicubic downscale by
+    the period leaves no trace of the pattern at the box's edges either (the unpaired lines at a hard edge would)."""
+    color = np.array(COLORS[item.color], dtype=float)
+    mean = (color + np.round(color * DARK_SHADE)) / 2
+    sign = _pattern_sign(item)
+    height, width = sign.shape
+    y, x = np.mgrid[0:height, 0:width] + 0.5
+    edge = np.minimum.reduce([x, y, width - x, height - y])  # distance to the box's border, in pixels
+    contrast = np.clip(edge / (PATTERN_TAPER * item.period), 0.0, 1.0) * sign
+    pixels = mean + contrast[..., None] * (color - mean)
+    image.paste(Image.fromarray(np.round(pixels).astype(np.uint8)), item.box[:2])
 
 
 def _draw_item(draw: ImageDraw.ImageDraw, item: Item) -> None:
