@@ -42,7 +42,7 @@ if [ "$QUICK" = 1 ]; then
   ALIGN_STEPS=2 TRAIN_STEPS=3 TRAIN_ARGS=(logging_steps=1)
 else
   DATA=(--train-size 2000 --test-size 200 --alignment-size 320)
-  ALIGN_STEPS=20 TRAIN_STEPS=1200 TRAIN_ARGS=()
+  ALIGN_STEPS=20 TRAIN_STEPS=1000 TRAIN_ARGS=()
 fi
 # The task (transformers_vpt.tiny.synthetic, task "detail"): 448 px boards of 8x8 cells, given to round 1 at 224 px
 # (image_resolution / max_image_side of the configs), where the one-pixel lines of the target's pattern vanish; the

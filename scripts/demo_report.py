@@ -127,14 +127,24 @@ def findings(figures: dict) -> list[str]:
         gain = vpt - base  # fractions
         lines.append(
             f"VPT against the baseline on the detail question: {vpt:.0%} against {base:.0%} ({gain * 100:+.0f} "
-            "points); the baseline only sees the 112 px view, where the pattern is averaged away, so it cannot beat "
-            "chance."
+            "points); the baseline answers from round 1's downscaled view only, where the pattern does not show."
         )
-    lines.append(
-        "Re-encoding cannot help on this task: the DINOv2, SAM and CLIP features are computed from the same coarse "
-        "global view, so they do not show the pattern either; the re-encoding row shows that those paths run, not "
-        "that they answer better."
-    )
+    plain = figures["splits"].get("synthetic_plain_test", {}).get("vpt_accuracy")
+    if plain is not None:
+        lines.append(
+            f"Without a region (the plain split) the VPT model answers {plain:.0%}: "
+            + ("about chance, as the global view holds no trace of the pattern." if plain < chance + 0.15 else
+               "above chance, so the global view gives some of the pattern away.")
+        )
+    action = figures["splits"].get("synthetic_action_test", {}).get("vpt_accuracy")
+    if action is not None:
+        lines.append(
+            f"Re-encoding (the action split, {action:.0%}) "
+            + ("does not help on this task: the branches see the board downscaled (CLIP at round 1's size, DINOv2 "
+               "and SAM at their tiny input sizes), so the pattern is not in their features either; the row shows "
+               "that those paths run, not that they answer better." if action < chance + 0.15
+               else "answers above chance on this task.")
+        )
     return lines
 
 
