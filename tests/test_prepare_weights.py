@@ -188,3 +188,33 @@ def test_tied_word_embeddings_stay_tied(tmp_path):
         assert vpt.lm_head.weight is embeddings
         assert torch.equal(embeddings[:old_size], old_rows)
         torch.testing.assert_close(embeddings[old_size:new_size], old_rows.mean(0).expand(new_size - old_size, -1))
+
+
+def _run_make_tiny(*args):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "configs/tiny/make_tiny.py", *args]
+    return subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+
+
+def test_make_tiny_text_config_and_seed(tmp_path):
+    """configs/tiny/make_tiny.py: --text-config overrides the tiny text config of the source and (through
+    prepare_weights) of the VPT checkpoint; --seed makes the random weights reproducible; an unknown field is one
+    usage line."""
+    for run in ("a", "b"):
+        result = _run_make_tiny("--out-dir", str(tmp_path / run), "--no-data", "--seed", "3", "--text-config",
+                                "rope_theta=10")
+        assert result.returncode == 0, result.stderr[-2000:]
+    for model in ("sources/qwen2-vl", "vpt-init"):
+        config = json.loads((tmp_path / "a" / model / "config.json").read_text())
+        assert config["text_config"]["rope_theta"] == 10, model
+    with safe_open(str(tmp_path / "a/vpt-init/model.safetensors"), "pt") as a, \
+            safe_open(str(tmp_path / "b/vpt-init/model.safetensors"), "pt") as b:
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    bad = _run_make_tiny("--out-dir", str(tmp_path / "c"), "--no-data", "--text-config", "rope_thetta=10")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].endswith("rope_thetta is not a field of the qwen2_vl text config")
+    assert not (tmp_path / "c").exists()
