@@ -6,9 +6,10 @@ Two tasks (``--task``):
   square of ``target_cells`` x ``target_cells`` cells, anywhere, is the target (the only coloured object, easy to
   *find* at any resolution), striped with a fine pattern (``rows``: horizontal lines, ``columns``: vertical lines,
   or ``tiles``: a checkerboard, repeating every ``pattern_period`` pixels); a few other cells hold flat gray squares
-  (distractors). "What pattern is on the red square?" At the resolution round 1 sees (the scene downscaled by two)
-  the three patterns average to the same flat colour, so the global view cannot tell them apart; the crop that a
-  region selection cuts from the full-resolution image shows the lines natively.
+  (distractors). "What pattern is on the red square?" At the resolution round 1 sees (the scene downscaled by the
+  pattern period) the three patterns look the same, exactly under the released NEAREST rule and within rounding
+  under a bicubic resize (`_draw_patterned`), so the global view cannot tell them apart; the crop that a region
+  selection cuts from the full-resolution image shows the lines natively.
 * ``shapes``: a white image holds one coloured shape (the target) and a few gray shapes (distractors) of other
   kinds. A question names the target by one attribute and asks for the other ("What color is the triangle?", "What
   shape is the red object?"); the answer is one word from a closed set. The target is readable in the global view
